@@ -1,0 +1,1 @@
+"""satdiff: lightning_modules."""
