@@ -1,1 +1,30 @@
-"""satdiff: metrics."""
+"""satdiff: metrics and losses, one definition each (see docs/DESIGN.md)."""
+
+from metrics.forecast import (
+    FID,
+    LPIPS,
+    ForecastMetrics,
+    GradientStructuralSimilarity,
+    MeanOverSamples,
+    StructuralSimilarity,
+)
+from metrics.functional import gssim, l1, mse, psnr, ssim
+from metrics.table import append_row, format_table, metric_row, read_rows
+
+__all__ = [
+    "FID",
+    "LPIPS",
+    "ForecastMetrics",
+    "GradientStructuralSimilarity",
+    "MeanOverSamples",
+    "StructuralSimilarity",
+    "append_row",
+    "format_table",
+    "gssim",
+    "l1",
+    "metric_row",
+    "mse",
+    "psnr",
+    "read_rows",
+    "ssim",
+]

@@ -1,0 +1,287 @@
+"""GEO-Bench DataModule: read the benchmark's own HDF5/JSON/pickle files, batches per the DiFuser contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+
+from datamodules.geobench import (
+    GeoBenchDataModule,
+    InertObject,
+    UnsafePickleError,
+    decode_attrs_pickle,
+    safe_unpickle,
+)
+from tests.fixtures import make_geobench
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """m-eurosat and m-cashew-plant (synthetic pixels); read-only for the tests below."""
+    root = tmp_path_factory.mktemp("geobench")
+    make_geobench.write_eurosat(root)
+    make_geobench.write_cashew_plant(root)
+    return root
+
+
+@pytest.fixture()
+def bench_copy(bench: Path, tmp_path: Path) -> Path:
+    """A private copy for tests that damage files."""
+    return Path(shutil.copytree(bench, tmp_path / "geobench"))
+
+
+def eurosat_dir(root: Path) -> Path:
+    return root / "classification_v1.0" / "m-eurosat"
+
+
+def cashew_dir(root: Path) -> Path:
+    return root / "segmentation_v1.0" / "m-cashew-plant"
+
+
+def batch_of(dm: GeoBenchDataModule, split: str = "train") -> dict:
+    dataset = {"train": dm.train_dataset, "val": dm.val_dataset, "test": dm.test_dataset}[split]
+    return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+
+
+def test_bigearthnet_real_patches_multilabel(shared_data: Path, tmp_path: Path) -> None:
+    source = shared_data / "bigearthnet-s2-examples"
+    make_geobench.write_bigearthnet(tmp_path, source)
+    dm = GeoBenchDataModule(task="m-bigearthnet", root=str(tmp_path), batch_size=2)
+    assert dm.task_type == "multilabel"
+    assert dm.num_classes == 43 and dm.class_names[11] == "Non-irrigated arable land"
+    assert dm.band_names == ["04 - Red", "03 - Green", "02 - Blue"]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 120, 120) and batch["image"].dtype == torch.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["label"].shape == (2, 43) and batch["label"].dtype == torch.float32
+    for name, label in zip(batch["sample"], batch["label"], strict=True):
+        truth = json.loads((source / name / f"{name}_labels_metadata.json").read_text())["labels"]
+        assert sorted(dm.class_names[i] for i in torch.nonzero(label).flatten()) == sorted(truth)
+
+
+def test_bigearthnet_mixed_resolution_bands_resized_to_finest(shared_data: Path, tmp_path: Path) -> None:
+    make_geobench.write_bigearthnet(tmp_path, shared_data / "bigearthnet-s2-examples")
+    dm = GeoBenchDataModule(
+        task="m-bigearthnet", root=str(tmp_path), bands=["01", "8A", "NIR"], image_size=64
+    )
+    assert dm.band_names == ["01 - Coastal aerosol", "08A - Vegetation Red Edge", "08 - NIR"]
+    dm.setup("test")
+    item = dm.test_dataset[0]
+    assert item["image"].shape == (3, 64, 64)
+    native = GeoBenchDataModule(task="m-bigearthnet", root=str(tmp_path), bands=["01", "8A", "NIR"])
+    native.setup("test")
+    assert native.test_dataset[0]["image"].shape == (3, 120, 120)  # 20 px and 60 px bands upsampled
+
+
+def test_classification_batch_matches_files_and_minmax(bench: Path) -> None:
+    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench))
+    assert (dm.task_type, dm.num_classes, dm.class_names[:2]) == (
+        "classification",
+        10,
+        ["Annual Crop", "Forest"],
+    )
+    assert len(dm.available_bands) == 13
+    dm.setup("fit")
+    batch = batch_of(dm)
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].dtype == torch.int64
+    label_map = json.loads((eurosat_dir(bench) / "label_map.json").read_text())
+    truth = {name: int(label) for label, names in label_map.items() for name in names}
+    assert batch["label"].tolist() == [truth[name] for name in batch["sample"]]
+    stats = json.loads((eurosat_dir(bench) / "band_stats.json").read_text())["03 - Green"]
+    with h5py.File(eurosat_dir(bench) / f"{batch['sample'][0]}.hdf5") as file:
+        raw = file["03 - Green"][()].astype(np.float32)
+    expected = np.clip((raw - stats["min"]) / (stats["max"] - stats["min"]), 0, 1)
+    np.testing.assert_allclose(batch["image"][0, 1].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # train-split stats: the train images span [0, 1] exactly
+    assert batch["image"].min() == 0.0 and batch["image"].max() == 1.0
+
+
+def test_meanstd_band_subset_and_bilinear_resize(bench: Path) -> None:
+    dm = GeoBenchDataModule(
+        task="m-eurosat", root=str(bench), bands=["NIR", "red"], normalization="meanstd", image_size=8
+    )
+    assert dm.band_names == ["08 - NIR", "04 - Red"]
+    dm.setup("validate")
+    item = dm.val_dataset[0]
+    assert item["image"].shape == (2, 8, 8)
+    stats = json.loads((eurosat_dir(bench) / "band_stats.json").read_text())["04 - Red"]
+    with h5py.File(eurosat_dir(bench) / f"{item['sample']}.hdf5") as file:
+        raw = torch.from_numpy(file["04 - Red"][()].astype(np.float32))
+    resized = torch.nn.functional.interpolate(raw[None, None], size=(8, 8), mode="bilinear", antialias=True)[
+        0, 0
+    ]
+    torch.testing.assert_close(item["image"][1], (resized - stats["mean"]) / stats["std"])
+    assert dm.dataset_key != GeoBenchDataModule(task="m-eurosat", root=str(bench)).dataset_key
+
+
+def test_train_fraction_uses_partition_file(bench: Path) -> None:
+    full = GeoBenchDataModule(task="m-eurosat", root=str(bench))
+    half = GeoBenchDataModule(task="m-eurosat", root=str(bench), train_fraction=0.5)
+    full.setup("fit")
+    half.setup("fit")
+    partition = json.loads((eurosat_dir(bench) / "0.50x_train_partition.json").read_text())
+    assert [r.name for r in half.train_dataset.records] == partition["train"]
+    assert len(half.train_dataset) == 2 and len(full.train_dataset) == 4
+    assert [r.name for r in half.val_dataset.records] == [r.name for r in full.val_dataset.records]
+    with pytest.raises(FileNotFoundError, match=r"0\.10x_train_partition\.json.*'train_fraction'"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench), train_fraction=0.1)
+
+
+def test_segmentation_mask_nearest_resize_and_ignore_index(bench: Path) -> None:
+    dm = GeoBenchDataModule(task="m-cashew-plant", root=str(bench), image_size=32, ignore_index=100)
+    assert (dm.task_type, dm.num_classes, dm.class_names[0]) == ("segmentation", 7, "no data")
+    dm.setup("test")
+    item = dm.test_dataset[0]
+    assert item["image"].shape == (3, 32, 32) and item["label"].shape == (32, 32)
+    assert item["label"].dtype == torch.int64
+    with h5py.File(cashew_dir(bench) / f"{item['sample']}.hdf5") as file:
+        mask = torch.from_numpy(file["label"][()].astype(np.int64))
+    assert (mask == make_geobench.OUT_OF_CLASS_MASK_VALUE).any()
+    mask[mask >= 7] = 100
+    torch.testing.assert_close(item["label"], mask.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    default = GeoBenchDataModule(task="m-cashew-plant", root=str(bench))
+    default.setup("test")
+    assert set(default.test_dataset[0]["label"].unique().tolist()) <= set(range(7)) | {255}
+    assert 255 in default.test_dataset[0]["label"]
+
+
+def test_unknown_band_lists_available(bench: Path) -> None:
+    with pytest.raises(ValueError, match=r"'B99'.*'bands'.*'04 - Red'"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench), bands=["B99"])
+
+
+def test_missing_root_and_task_name_path_and_keys(bench: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="'root'"):
+        GeoBenchDataModule(task="m-eurosat", root=str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"m-so2sat.*'root', 'task'"):
+        GeoBenchDataModule(task="m-so2sat", root=str(bench))
+
+
+def test_missing_band_stats_names_file(bench_copy: Path) -> None:
+    (eurosat_dir(bench_copy) / "band_stats.json").unlink()
+    with pytest.raises(FileNotFoundError, match="band_stats.json"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy))
+
+
+def test_truncated_hdf5_names_file_at_setup(bench_copy: Path) -> None:
+    path = eurosat_dir(bench_copy) / "id_00004.hdf5"  # the valid split
+    path.write_bytes(path.read_bytes()[:300])
+    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench_copy))
+    with pytest.raises(ValueError, match=r"id_00004\.hdf5.*corrupt or truncated"):
+        dm.setup("fit")
+
+
+def test_missing_sample_file_names_file(bench_copy: Path) -> None:
+    (eurosat_dir(bench_copy) / "id_00001.hdf5").unlink()
+    with pytest.raises(FileNotFoundError, match=r"id_00001\.hdf5"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy)).setup("fit")
+
+
+def test_missing_band_in_sample_names_file_and_band(bench_copy: Path) -> None:
+    with h5py.File(eurosat_dir(bench_copy) / "id_00005.hdf5", "a") as file:
+        del file["02 - Blue"]
+    with pytest.raises(ValueError, match=r"id_00005\.hdf5 lacks band '02 - Blue'"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy)).setup("test")
+
+
+def test_nan_pixels_name_file(bench_copy: Path) -> None:
+    with h5py.File(cashew_dir(bench_copy) / "sample_2.hdf5", "a") as file:
+        file["03 - Green_2019-11-15"][3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"sample_2\.hdf5.*NaN/Inf"):
+        GeoBenchDataModule(task="m-cashew-plant", root=str(bench_copy)).setup("fit")
+
+
+def test_empty_split_names_split_and_partition(bench_copy: Path) -> None:
+    path = eurosat_dir(bench_copy) / "default_partition.json"
+    partition = json.loads(path.read_text())
+    path.write_text(json.dumps({**partition, "valid": []}))
+    with pytest.raises(ValueError, match=r"'valid'.*default_partition\.json.*empty"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy)).setup("validate")
+
+
+def test_out_of_range_class_label_names_file(bench_copy: Path) -> None:
+    path = eurosat_dir(bench_copy) / "id_00000.hdf5"
+    with h5py.File(path, "a") as file:
+        file.attrs["pickle"] = str(pickle.dumps({"label": 12}))
+    with pytest.raises(ValueError, match=r"id_00000\.hdf5: label 12"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy)).setup("fit")
+
+
+class RunsShell:
+    """A pickle payload that would run a shell command when unpickled by plain pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_safe_unpickler_refuses_callables(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with pytest.raises(UnsafePickleError, match="system"):
+        safe_unpickle(pickle.dumps(RunsShell(marker)))
+    assert not marker.exists()
+    with pytest.raises(UnsafePickleError, match="eval"):
+        safe_unpickle(pickle.dumps(eval))
+    with pytest.raises(UnsafePickleError, match="object dtypes"):
+        safe_unpickle(pickle.dumps(np.array([1, "a"], dtype=object)))
+
+
+def test_safe_unpickler_reads_format_data_without_geobench() -> None:
+    specs = make_geobench.pickle_format(
+        {
+            "info": make_geobench.sentinel2_info("B04"),
+            "label": np.int64(4),
+            "hot": np.array([0, 1], dtype=np.int64),
+        }
+    )
+    data = safe_unpickle(specs)
+    assert isinstance(data["info"], InertObject) and data["info"].pickled_name == "Sentinel2"
+    assert data["info"].get("name") == "04 - Red" and data["info"].get("alt_names") == ("4", "04", "red")
+    assert data["label"] == 4 and data["hot"].tolist() == [0, 1]
+    assert decode_attrs_pickle(str(specs))["label"] == 4
+
+
+def test_malicious_sample_pickle_rejected_at_setup(bench_copy: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with h5py.File(eurosat_dir(bench_copy) / "id_00002.hdf5", "a") as file:
+        file.attrs["pickle"] = str(pickle.dumps({"label": RunsShell(marker)}))
+    with pytest.raises(ValueError, match=r"id_00002\.hdf5.*cannot be read safely.*system"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy)).setup("fit")
+    assert not marker.exists()
+
+
+def test_malicious_task_specs_rejected_at_construction(bench_copy: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    (eurosat_dir(bench_copy) / "task_specs.pkl").write_bytes(pickle.dumps(RunsShell(marker)))
+    with pytest.raises(ValueError, match=r"task_specs\.pkl.*system"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy))
+    assert not marker.exists()
+
+
+def test_config_keys_parse_with_jsonargparse(bench: Path) -> None:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(GeoBenchDataModule, "data")
+    config = parser.parse_args(
+        [
+            "--data.task=m-eurosat",
+            f"--data.root={bench}",
+            "--data.bands=[nir]",
+            "--data.normalization=meanstd",
+        ]
+    )
+    dm = parser.instantiate_classes(config).data
+    assert dm.band_names == ["08 - NIR"] and dm.normalization == "meanstd" and dm.batch_size == 32
+    with pytest.raises(Exception, match="normalization"):
+        parser.parse_args(["--data.task=m-eurosat", f"--data.root={bench}", "--data.normalization=zscore"])

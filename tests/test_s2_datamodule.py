@@ -1,0 +1,399 @@
+"""Sentinel-2 time-series DataModule: splits, windows, scaling checks, bad files, masks, history, sequences."""
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from datamodules.s2_timeseries import S2DataError, S2ForecastDataModule, collate_s2, grid_offsets
+from tests.fixtures.make_s2_dataset import (
+    BAD_CASES,
+    DN_SCALE,
+    HEIGHT,
+    REGIONS,
+    WIDTH,
+    YEARS,
+    embedding_path,
+    make_bad_case,
+    make_s2_dataset,
+    region_transform,
+    rgb_path,
+    write_raster,
+)
+
+PATCH = 16
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dm(root, **overrides) -> S2ForecastDataModule:
+    kwargs = {"reflectance_scale": DN_SCALE, "patch_size": PATCH, "batch_size": 2} | overrides
+    return S2ForecastDataModule(str(root), **kwargs)
+
+
+def all_samples(dataset) -> list[dict]:
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def window_offset(sample) -> tuple[int, int]:
+    """(row, col) of a sample's window inside its region, recovered from the window transform."""
+    window = rasterio.Affine(*sample["transform"])
+    col, row = ~region_transform(REGIONS.index(sample["region"])) @ (window.c, window.f)
+    return round(row), round(col)
+
+
+def test_split_is_by_region_and_seeded(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path, test_fraction=0.2)
+    dm.setup("fit")
+    dm.setup("test")
+    summary = dm.dataset_summary()
+    train, val, test = (set(summary[s]["regions"]) for s in ("train", "val", "test"))
+    assert train | val | test == set(REGIONS)
+    assert not (train & val or train & test or val & test)
+    assert {s["region"] for s in all_samples(dm.train_dataset)} <= train
+    assert {s["region"] for s in all_samples(dm.val_dataset)} == val
+    assert {s["region"] for s in all_samples(dm.test_dataset)} == test
+
+    again = make_dm(tmp_path, test_fraction=0.2)
+    again.setup("fit")
+    assert again.dataset_summary()["val"]["regions"] == summary["val"]["regions"]
+    val_by_seed = set()
+    for seed in range(6):
+        other = make_dm(tmp_path, seed=seed)
+        other.setup("fit")
+        val_by_seed.add(tuple(other.dataset_summary()["val"]["regions"]))
+    assert len(val_by_seed) > 1
+
+
+def test_default_test_split_is_the_validation_regions(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    dm.setup("test")
+    summary = dm.dataset_summary()
+    assert summary["test"]["regions"] == summary["val"]["regions"]
+    assert len(summary["val"]["regions"]) == 1 and len(summary["train"]["regions"]) == 4
+    assert len(dm.test_dataset) == len(dm.val_dataset) == 2 * 9
+
+
+def test_grid_offsets_cover_every_pixel():
+    for length in (16, 17, 31, 40, 48, 129):
+        covered = np.zeros(length, dtype=bool)
+        for start in grid_offsets(length, PATCH):
+            assert 0 <= start <= length - PATCH
+            covered[start : start + PATCH] = True
+        assert covered.all()
+
+
+def test_grid_windows_cover_the_image_and_match_the_files(tmp_path):
+    make_s2_dataset(tmp_path)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    samples = all_samples(dm.val_dataset)
+    region = samples[0]["region"]
+    covered = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    for sample in samples:
+        row, col = window_offset(sample)
+        covered[row : row + PATCH, col : col + PATCH] = True
+        year = int(sample["target_time"])
+        with rasterio.open(rgb_path(tmp_path, region, year)) as src:
+            raw = src.read(window=((row, row + PATCH), (col, col + PATCH)))
+            assert sample["crs"] == src.crs.to_wkt()
+        torch.testing.assert_close(
+            sample["target"], torch.from_numpy(raw.astype(np.float32) * np.float32(DN_SCALE))
+        )
+        with rasterio.open(embedding_path(tmp_path, region, year)) as src:
+            embedding = src.read(window=((row, row + PATCH), (col, col + PATCH)))
+        torch.testing.assert_close(sample["embedding"], torch.from_numpy(embedding))
+        assert sample["has_embedding"] and sample["mask"].all()
+        assert int(sample["time"]) == year - 1
+    assert covered.all()
+
+
+def test_batches_follow_the_contract(tmp_path):
+    make_s2_dataset(tmp_path)
+    dm = make_dm(tmp_path, batch_size=3)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (3, 1, 3, PATCH, PATCH) and batch["image"].dtype == torch.float32
+    assert batch["target"].shape == (3, 3, PATCH, PATCH)
+    assert batch["mask"].shape == (3, PATCH, PATCH) and batch["mask"].dtype == torch.bool
+    assert batch["embedding"].shape == (3, 64, PATCH, PATCH)
+    assert batch["has_embedding"].dtype == torch.bool and batch["has_embedding"].shape == (3,)
+    for key in ("region", "time", "target_time", "crs"):
+        assert isinstance(batch[key], list) and all(isinstance(v, str) for v in batch[key])
+    assert all(isinstance(t, tuple) and len(t) == 6 for t in batch["transform"])
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+def test_random_crops_follow_torch_seed(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return [s["transform"] for s in all_samples(dm.train_dataset)]
+
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)
+    offsets = {window_offset(s) for s in all_samples(dm.train_dataset)}
+    assert len(offsets) > 9  # crops, not just the grid
+
+
+def test_wrong_scale_is_caught_naming_file_and_key(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    with pytest.raises(S2DataError, match="reflectance_scale") as error:
+        make_dm(tmp_path, reflectance_scale=1.0).setup("fit")
+    assert "s2_rgb_" in str(error.value) and str(tmp_path) in str(error.value)
+    with pytest.raises(S2DataError, match="reflectance_scale"):
+        make_dm(tmp_path, reflectance_scale=1e-8).setup("fit")
+
+
+def test_few_saturated_pixels_are_clipped_many_are_rejected(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    region = dm.dataset_summary()["val"]["regions"][0]
+    path = rgb_path(tmp_path, region, YEARS[-1])
+    with rasterio.open(path) as src:
+        data, transform = src.read(), src.transform
+    data[:, 0, 0] = 12000
+    write_raster(path, data, transform)
+    dm = make_dm(tmp_path, max_saturated_fraction=0.01)
+    dm.setup("fit")
+    corner = next(
+        s
+        for s in all_samples(dm.val_dataset)
+        if s["target_time"] == str(YEARS[-1]) and window_offset(s) == (0, 0)
+    )
+    torch.testing.assert_close(corner["target"][:, 0, 0], torch.ones(3))
+    assert corner["target"][:, 1:, 1:].max() < 0.3
+
+    data[:, :10, :] = 12000  # 480 of 1920 pixels
+    write_raster(path, data, transform)
+    with pytest.raises(S2DataError, match="max_saturated_fraction") as error:
+        make_dm(tmp_path, max_saturated_fraction=0.01).setup("fit")
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_files_stop_setup_naming_the_file(tmp_path, case):
+    bad_file = make_bad_case(tmp_path, case)
+    dm = make_dm(tmp_path)
+    with pytest.raises(S2DataError) as error:
+        dm.setup("fit")
+    assert str(bad_file) in str(error.value)
+
+
+def test_nodata_and_nan_are_masked_and_bad_windows_skipped(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    probe = make_dm(tmp_path)
+    probe.setup("fit")
+    region = probe.dataset_summary()["val"]["regions"][0]  # the split depends on names and seed only
+    index = REGIONS.index(region)
+
+    nodata_path = rgb_path(tmp_path, region, 2020)
+    with rasterio.open(nodata_path) as src:
+        data = src.read()
+    data[:, :PATCH, :PATCH] = 0  # the whole window (0, 0)
+    data[1, 20, 40:43] = 0  # three pixels of window (16, 32), one band each
+    write_raster(nodata_path, data, region_transform(index), nodata=0)
+
+    nan_path = rgb_path(tmp_path, region, 2021)
+    with rasterio.open(nan_path) as src:
+        floats = src.read().astype(np.float32)
+    floats[0, 30, 5] = np.nan  # in windows (16, 0) and (24, 0)
+    write_raster(nan_path, floats, region_transform(index))
+
+    dm = make_dm(tmp_path)
+    with pytest.warns(UserWarning, match="skipped windows"):
+        dm.setup("fit")
+    summary = dm.dataset_summary()
+    assert summary["val"]["skipped_windows"] == 2  # window (0, 0) of both pairs (each uses 2020)
+    assert summary["val"]["windows"] == 2 * 9 - 2
+    assert summary["train"]["skipped_windows"] == 0
+
+    samples = {(s["target_time"], window_offset(s)): s for s in all_samples(dm.val_dataset)}
+    assert ("2020", (0, 0)) not in samples and ("2021", (0, 0)) not in samples
+    nodata_as_target, nodata_as_input = samples[("2020", (16, 32))], samples[("2021", (16, 32))]
+    for sample in (nodata_as_target, nodata_as_input):
+        assert (~sample["mask"]).sum() == 3 and not sample["mask"][4, 8:11].any()
+    assert (nodata_as_target["target"][:, 4, 8:11] == 0).all()
+    assert (nodata_as_input["image"][0, :, 4, 8:11] == 0).all()
+    for offset in ((16, 0), (24, 0)):
+        sample = samples[("2021", offset)]
+        row = 30 - offset[0]
+        assert (~sample["mask"]).sum() == 1 and not sample["mask"][row, 5]
+        assert not torch.isnan(sample["target"]).any() and (sample["target"][:, row, 5] == 0).all()
+        assert samples[("2020", offset)]["mask"].all()
+
+
+def test_training_crops_avoid_invalid_areas(tmp_path):
+    make_s2_dataset(tmp_path, regions=REGIONS[:2], embeddings=False)
+    for region_index, region in enumerate(REGIONS[:2]):
+        for year in YEARS:
+            path = rgb_path(tmp_path, region, year)
+            with rasterio.open(path) as src:
+                data = src.read()
+            data[:, :, : WIDTH // 2] = 0  # left half is nodata everywhere
+            write_raster(path, data, region_transform(region_index), nodata=0)
+    dm = make_dm(tmp_path, val_fraction=0.5, max_invalid_fraction=0.0)
+    with pytest.warns(UserWarning, match="skipped windows"):
+        dm.setup("fit")
+    torch.manual_seed(0)
+    samples = all_samples(dm.train_dataset)
+    assert len(samples) == 2 * 3  # 3 fully valid grid windows per pair (right column), 2 pairs
+    assert all(s["mask"].all() and window_offset(s)[1] >= WIDTH // 2 for s in samples)
+
+
+def test_missing_embedding_gives_zeros_and_flag(tmp_path):
+    make_s2_dataset(tmp_path)
+    probe = make_dm(tmp_path)
+    probe.setup("fit")
+    region = probe.dataset_summary()["val"]["regions"][0]
+    embedding_path(tmp_path, region, 2021).unlink()
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    samples = all_samples(dm.val_dataset)
+    for sample in samples:
+        has = sample["target_time"] != "2021"
+        assert bool(sample["has_embedding"]) == has
+        assert (sample["embedding"] != 0).any() == has
+    batch = collate_s2(samples[:2] + samples[-2:])
+    assert batch["has_embedding"].tolist() == [True, True, False, False]
+
+
+def test_history_two(tmp_path):
+    years = (2018, 2019, 2020, 2021)
+    make_s2_dataset(tmp_path, years=years, embeddings=False)
+    dm = make_dm(tmp_path, history=2)
+    dm.setup("fit")
+    assert dm.dataset_summary()["val"]["pairs"] == 2
+    region = dm.dataset_summary()["val"]["regions"][0]
+    sample = next(s for s in all_samples(dm.val_dataset) if s["target_time"] == "2021")
+    assert sample["image"].shape == (2, 3, PATCH, PATCH) and sample["time"] == "2020"
+    row, col = window_offset(sample)
+    for frame, year in enumerate((2019, 2020)):
+        with rasterio.open(rgb_path(tmp_path, region, year)) as src:
+            raw = src.read(window=((row, row + PATCH), (col, col + PATCH))).astype(np.float32)
+        torch.testing.assert_close(sample["image"][frame], torch.from_numpy(raw * np.float32(DN_SCALE)))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 2, 3, PATCH, PATCH)
+
+
+def test_region_with_one_year_is_left_out_with_warning(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    make_s2_dataset(tmp_path / "extra", regions=("lonely",), years=(2020,), embeddings=False)
+    (tmp_path / "extra" / "lonely").rename(tmp_path / "lonely")
+    (tmp_path / "extra").rmdir()
+    dm = make_dm(tmp_path)
+    with pytest.warns(UserWarning, match="region lonely"):
+        dm.setup("fit")
+    summary = dm.dataset_summary()
+    assert summary["excluded_regions"] == ["lonely"]
+    assert all("lonely" not in summary[s]["regions"] for s in ("train", "val", "test"))
+
+
+def test_empty_split_raises_naming_the_split(tmp_path):
+    make_s2_dataset(tmp_path, regions=REGIONS[:1], embeddings=False)
+    with pytest.raises(S2DataError, match="split 'train' is empty"):
+        make_dm(tmp_path).setup("fit")
+    make_s2_dataset(tmp_path, regions=REGIONS[:2], embeddings=False)
+    with pytest.raises(S2DataError, match="batch_size=19"):
+        make_dm(tmp_path, val_fraction=0.5, batch_size=19).setup("fit")  # 2 pairs x 9 windows in train
+    with pytest.raises(S2DataError, match="config key root"):
+        make_dm(tmp_path / "missing").setup("fit")
+    with pytest.warns(UserWarning, match="time_regex"), pytest.raises(S2DataError, match="no usable region"):
+        make_dm(tmp_path, time_regex=r"t\d+").setup("fit")
+
+
+def test_sequence_mode_yields_whole_series(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path, sequence=True)
+    dm.setup("test")
+    region = dm.dataset_summary()["test"]["regions"][0]
+    assert len(dm.test_dataset) == 9
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["images"].shape == (1, len(YEARS), 3, PATCH, PATCH)
+    assert batch["mask"].shape == (1, len(YEARS), PATCH, PATCH)
+    assert batch["times"] == [[str(y) for y in YEARS]] and batch["region"] == [region]
+    with rasterio.open(rgb_path(tmp_path, region, YEARS[0])) as src:
+        raw = src.read(window=((0, PATCH), (0, PATCH))).astype(np.float32)
+    torch.testing.assert_close(batch["images"][0, 0], torch.from_numpy(raw * np.float32(DN_SCALE)))
+    dm.setup("predict")
+    assert len(dm.predict_dataset) == 9
+
+
+def test_holdout_last_step(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path, holdout_last_step=True)
+    dm.setup("fit")
+    dm.setup("test")
+    summary = dm.dataset_summary()
+    assert summary["test"]["regions"] == sorted(REGIONS) and summary["test"]["pairs"] == len(REGIONS)
+    assert summary["train"]["pairs"] + summary["val"]["pairs"] == len(REGIONS)
+    last = str(YEARS[-1])
+    assert all(s["target_time"] == last for s in all_samples(dm.test_dataset))
+    assert all(s["target_time"] != last for s in all_samples(dm.val_dataset))
+    torch.manual_seed(0)
+    assert all(s["target_time"] != last for s in all_samples(dm.train_dataset))
+    with pytest.raises(S2DataError, match="test_fraction"):
+        make_dm(tmp_path, holdout_last_step=True, test_fraction=0.2)
+
+
+def test_trainer_receives_unnormalised_reflectance(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+
+    class Probe(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.maxima = []
+
+        def training_step(self, batch, batch_idx):
+            self.maxima.append(float(batch["image"].max()))
+            return (self.weight - batch["target"].mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    probe = Probe()
+    trainer = Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(probe, datamodule=make_dm(tmp_path))
+    assert len(probe.maxima) == 2 and all(0.2 < m <= 0.3 for m in probe.maxima)
+
+
+def test_demo_data_loads():
+    dm = S2ForecastDataModule(
+        str(REPO_ROOT / "data" / "demo"), reflectance_scale=1e-4, patch_size=64, time_regex=r"t\d+"
+    )
+    dm.setup("fit")
+    summary = dm.dataset_summary()
+    assert len(summary["train"]["regions"]) + len(summary["val"]["regions"]) == 6
+    sample = dm.val_dataset[0]
+    assert (sample["time"], sample["target_time"]) == ("t0", "t1") and not sample["has_embedding"]
+    assert "32633" in sample["crs"]
+
+
+def test_demo_converter_keeps_pixels_and_grid(tmp_path, shared_data):
+    spec = importlib.util.spec_from_file_location("make_demo_data", REPO_ROOT / "tools" / "make_demo_data.py")
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    source = shared_data / "ftw-austria-s2" / "inference-img.tif"
+    written = converter.convert(source, tmp_path)
+    assert len(written) == 12
+    with rasterio.open(source) as src:
+        full, crs, source_transform = src.read(), src.crs, src.transform
+    with rasterio.open(tmp_path / "austria_r1c2" / "s2_rgb_austria_r1c2_t1_10km.tif") as tile:
+        col, row = ~source_transform @ (tile.transform.c, tile.transform.f)
+        row, col = round(row), round(col)
+        assert (row + tile.height, col + tile.width) == full.shape[1:] and tile.crs == crs
+        np.testing.assert_array_equal(tile.read(), full[4:7, row:, col:])
