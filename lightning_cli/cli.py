@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import callbacks  # noqa: F401  (registers short class names)
@@ -17,23 +18,31 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 import metrics  # noqa: F401
 import networks  # noqa: F401
+from callbacks import ExactResume, LastCheckpoint, NonFiniteLossGuard
 
 DEFAULT_RUN_DIR = "runs"
 
 
 def trainer_defaults() -> dict:
-    """Defaults a user gets without configuring anything: offline W&B, last + best checkpoints."""
+    """Defaults a user gets without configuring anything.
+
+    Offline W&B and atomic checkpoint writes. The callbacks are LightningCLI's persistent callbacks (added to
+    whatever ``trainer.callbacks`` a config sets): the best checkpoint by ``val/loss``; ``last.ckpt`` every 500
+    steps, per epoch and on SIGTERM (a ``LastCheckpoint`` in the config replaces this one); exact resume (RNG
+    states, mid-epoch data order); a stop on a non-finite loss.
+    """
     return {
         "default_root_dir": DEFAULT_RUN_DIR,
         "logger": {
             "class_path": "lightning.pytorch.loggers.WandbLogger",
             "init_args": {"project": "satdiff", "offline": True, "save_dir": DEFAULT_RUN_DIR},
         },
+        "plugins": [{"class_path": "callbacks.AtomicCheckpointIO"}],
         "callbacks": [
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"monitor": "val/loss", "mode": "min", "save_last": True},
-            },
+            ModelCheckpoint(monitor="val/loss", mode="min", filename="best-{epoch}-{step}"),
+            LastCheckpoint(every_n_train_steps=500, overridable=True),
+            ExactResume(),
+            NonFiniteLossGuard(),
         ],
     }
 
