@@ -144,3 +144,8 @@ def test_upernet_upsamples_to_input_size():
     assert logits.shape == (2, 3, 64, 64)
     logits.sum().backward()
     assert head.classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize("build", FUSIONS)
+def test_fusion_reports_its_output_width(build):
+    assert build().out_channels == 24

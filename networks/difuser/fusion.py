@@ -224,6 +224,7 @@ class MoEFusion(nn.Module):
     ):
         super().__init__()
         self.num_timesteps = num_timesteps
+        self.out_channels = out_channels
         self.balance_loss_weight = balance_loss_weight
         self.blocks_per_level = _blocks_per_level(feature_channels, num_timesteps)
         self.layers = nn.ModuleList(
@@ -271,6 +272,7 @@ class SingleFeature(nn.Module):
                 f"timestep_index={timestep_index} outside the {num_timesteps} selected timesteps"
             )
         blocks_per_level = _blocks_per_level(feature_channels, num_timesteps)
+        self.out_channels = out_channels
         self.entries = []
         for level, blocks in enumerate(blocks_per_level):
             if not 0 <= block_index < blocks:
@@ -294,6 +296,7 @@ class ConcatFusion(nn.Module):
     def __init__(self, feature_channels: FeatureChannels, num_timesteps: int, out_channels: int = 384):
         super().__init__()
         _blocks_per_level(feature_channels, num_timesteps)
+        self.out_channels = out_channels
         self.projections = nn.ModuleList(
             nn.Conv2d(sum(channels), out_channels, 1) for channels in feature_channels
         )

@@ -1,0 +1,285 @@
+"""SatDiFuser: a frozen diffusion feature extractor, a trainable fusion and a task head (GEO-Bench tasks).
+
+The task (type, class count, class names, ignore index, dataset key) comes from the datamodule, not the model
+config: ``configure_model()`` reads it from ``trainer.datamodule`` after the datamodule is set up and then builds the
+head, the metrics and the feature cache. Lightning calls ``configure_model()`` before restoring a checkpoint, so
+``test --ckpt_path`` loads the trained fusion and head; the task is also stored in the checkpoint so
+``DiFuserModule.load_from_checkpoint`` works without a trainer. Constructor arguments for the task exist for use
+without a datamodule (and must then agree with it).
+
+The extractor is frozen and never checkpointed (``FrozenPartsCheckpointMixin``); with ``cache_dir`` its pyramid is
+computed once per sample and read from disk afterwards (``networks.difuser.FeatureCache``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torchmetrics import ClasswiseWrapper, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+    MultilabelF1Score,
+)
+
+from lightning_modules.frozen import FrozenPartsCheckpointMixin
+from networks.difuser.cache import CacheDtype, FeatureCache
+
+TaskType = Literal["classification", "multilabel", "segmentation"]
+TASK_FIELDS = ("task_type", "num_classes", "class_names", "ignore_index", "dataset_key")
+CHECKPOINT_TASK_KEY = "difuser_task"
+
+
+def paper_adamw(params) -> torch.optim.Optimizer:
+    """The paper's optimiser: AdamW, initial learning rate 0.01."""
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
+
+
+def task_metrics(
+    task_type: TaskType, num_classes: int, class_names: list[str] | None, ignore_index: int | None
+) -> MetricCollection:
+    """GEO-Bench metrics: top-1 accuracy and macro F1 (classification); micro and macro F1 at sigmoid > 0.5
+    (multi-label); mIoU and per-class IoU from one confusion matrix over the split with ``ignore_index`` pixels
+    removed, and overall pixel accuracy (segmentation)."""
+    if task_type == "classification":
+        return MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+    if task_type == "multilabel":
+        return MetricCollection(
+            {
+                "f1_micro": MultilabelF1Score(num_classes, threshold=0.5, average="micro"),
+                "f1_macro": MultilabelF1Score(num_classes, threshold=0.5, average="macro"),
+            }
+        )
+    labels = [name.replace(" ", "_") for name in (class_names or [str(c) for c in range(num_classes)])]
+    return MetricCollection(
+        {
+            "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
+            "iou": ClasswiseWrapper(
+                MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index),
+                labels=labels,
+                prefix="iou_",
+            ),
+            "pixel_accuracy": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
+        }
+    )
+
+
+class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
+    """Frozen ``extractor`` -> trainable ``fusion`` -> ``head``; only fusion and head are optimised and saved.
+
+    Args:
+        extractor: the frozen pyramid extractor (``networks.difuser.DiffusionFeatureExtractor``).
+        fusion: builds the fusion as ``fusion(feature_channels, num_timesteps)``; it must expose ``out_channels``
+            and, after each forward, ``aux_loss`` (added to the training loss).
+        head: builds the head as ``head(in_channels, num_classes)``, called as ``head(fused, (H, W))``.
+        num_classes, task_type, class_names, ignore_index, dataset_key: normally left unset and taken from the
+            datamodule.
+        optimizer: optimiser of the fusion and head parameters (paper: AdamW, lr 0.01).
+        warmup_epochs, warmup_start_lr, min_lr: linear warmup from ``warmup_start_lr`` to the optimiser's lr, then
+            cosine decay to ``min_lr`` at ``trainer.max_epochs`` (stepped per epoch).
+        cache_dir: folder of the feature cache; None extracts features at every step.
+        cache_dtype: storage precision of cached features.
+    """
+
+    frozen_module_names = ("extractor",)
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        fusion: Callable[[list[list[int]], int], nn.Module],
+        head: Callable[[int, int], nn.Module],
+        num_classes: int | None = None,
+        task_type: TaskType | None = None,
+        class_names: list[str] | None = None,
+        ignore_index: int | None = None,
+        dataset_key: str | None = None,
+        optimizer: OptimizerCallable = paper_adamw,
+        warmup_epochs: int = 5,
+        warmup_start_lr: float = 2e-5,
+        min_lr: float = 1e-5,
+        cache_dir: str | None = None,
+        cache_dtype: CacheDtype = "float16",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["extractor", "fusion", "head", "optimizer"])
+        self.extractor = extractor
+        self.fusion = fusion(extractor.feature_channels, extractor.num_timesteps)
+        if not isinstance(getattr(self.fusion, "out_channels", None), int):
+            raise TypeError(f"fusion {type(self.fusion).__name__} must expose an integer `out_channels`")
+        self.build_head = head
+        self.build_optimizer = optimizer
+        self.warmup_epochs = warmup_epochs
+        self.warmup_start_lr = warmup_start_lr
+        self.min_lr = min_lr
+        self.cache_dir = cache_dir
+        self.cache_dtype = cache_dtype
+        self.task: dict[str, Any] = {
+            "task_type": task_type,
+            "num_classes": num_classes,
+            "class_names": class_names,
+            "ignore_index": ignore_index,
+            "dataset_key": dataset_key,
+        }
+        self.head: nn.Module | None = None
+        self.cache: FeatureCache | None = None
+
+    # ---------------------------------------------------------------- set-up from the datamodule / checkpoint
+    def _adopt_task(self, source: dict[str, Any], origin: str) -> None:
+        """Fill unset task fields from ``source``; a field set on both sides must agree."""
+        for field in TASK_FIELDS:
+            value = source.get(field)
+            if value is None:
+                continue
+            if self.task[field] is None:
+                self.task[field] = value
+            elif self.task[field] != value:
+                raise ValueError(
+                    f"model.init_args.{field}={self.task[field]!r} disagrees with the {origin}'s {value!r}"
+                )
+
+    def _build_task_parts(self) -> None:
+        missing = [field for field in ("task_type", "num_classes") if self.task[field] is None]
+        if missing:
+            raise ValueError(
+                f"DiFuserModule needs {missing}: use a datamodule exposing them (GeoBenchDataModule) or set "
+                f"model.init_args.{missing[0]}"
+            )
+        self.head = self.build_head(self.fusion.out_channels, self.task["num_classes"])
+        metrics = task_metrics(
+            self.task["task_type"],
+            self.task["num_classes"],
+            self.task["class_names"],
+            self.task["ignore_index"],
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def configure_model(self) -> None:
+        """Build head, metrics and cache once the datamodule (already set up) has told the task.
+
+        Without a trainer and without a complete task (``load_from_checkpoint`` calls this first) building waits
+        for ``on_load_checkpoint``, which reads the task from the checkpoint.
+        """
+        attached = self._trainer is not None
+        if self.head is None:
+            datamodule = getattr(self.trainer, "datamodule", None) if attached else None
+            if datamodule is not None:
+                self._adopt_task(
+                    {field: getattr(datamodule, field, None) for field in TASK_FIELDS}, "datamodule"
+                )
+            if not attached and any(self.task[field] is None for field in ("task_type", "num_classes")):
+                return
+            self._build_task_parts()
+        if self.cache_dir is not None and self.cache is None:
+            if self.task["dataset_key"] is None:
+                raise ValueError(
+                    "model.init_args.cache_dir is set but no dataset_key is known: use a datamodule exposing "
+                    "dataset_key or set model.init_args.dataset_key"
+                )
+            self.cache = FeatureCache(
+                self.cache_dir,
+                self.task["dataset_key"],
+                self.extractor.cache_identity,
+                self.extractor.feature_channels,
+                self.cache_dtype,
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_TASK_KEY] = dict(self.task)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._adopt_task(checkpoint.get(CHECKPOINT_TASK_KEY, {}), "checkpoint")
+        if self.head is None:  # load_from_checkpoint without a trainer: configure_model was not called
+            self._build_task_parts()
+        super().on_load_checkpoint(checkpoint)
+
+    # ---------------------------------------------------------------------------------------------- steps
+    def features(self, batch: dict[str, Any]) -> list[list[Tensor]]:
+        """The frozen pyramid of the batch: from the cache when configured, else extracted now."""
+        if self.cache is None:
+            return self.extractor(batch["image"])
+        return self.cache.features(list(batch["sample"]), batch["image"], self.extractor)
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        """Logits: ``(B, K)`` for (multi-label) classification, ``(B, K, H, W)`` for segmentation."""
+        if self.head is None:
+            raise RuntimeError("the head is built by configure_model(): run under a Trainer or call it first")
+        fused = self.fusion(self.features(batch))
+        return self.head(fused, tuple(batch["image"].shape[-2:]))
+
+    def task_loss(self, logits: Tensor, label: Tensor) -> Tensor:
+        if self.task["task_type"] == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, label.float())
+        ignore_index = self.task["ignore_index"]
+        return F.cross_entropy(logits, label, ignore_index=-100 if ignore_index is None else ignore_index)
+
+    def _step(self, batch: dict[str, Any], split: str, metrics: MetricCollection) -> Tensor:
+        logits = self(batch)
+        label = batch["label"]
+        loss = self.task_loss(logits, label)
+        if split == "train":
+            loss = loss + self.fusion.aux_loss
+        batch_size = len(batch["sample"])
+        self.log(f"{split}/loss", loss, batch_size=batch_size, prog_bar=True, sync_dist=split != "train")
+        if self.task["task_type"] == "multilabel":
+            metrics.update(logits.sigmoid(), label.long())
+        else:
+            metrics.update(logits, label)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_metrics)
+
+    def _log_epoch_metrics(self, metrics: MetricCollection) -> None:
+        self.log_dict(metrics.compute())
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.train_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics(self.test_metrics)
+
+    # ------------------------------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.build_optimizer(trainable)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError("the cosine learning-rate schedule needs a finite trainer.max_epochs")
+        cosine = CosineAnnealingLR(
+            optimizer, T_max=max(1, max_epochs - self.warmup_epochs), eta_min=self.min_lr
+        )
+        if self.warmup_epochs > 0:
+            base_lr = optimizer.param_groups[0]["lr"]
+            warmup = LinearLR(
+                optimizer, start_factor=self.warmup_start_lr / base_lr, total_iters=self.warmup_epochs
+            )
+            scheduler = SequentialLR(optimizer, [warmup, cosine], milestones=[self.warmup_epochs])
+        else:
+            scheduler = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
