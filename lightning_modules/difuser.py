@@ -14,7 +14,7 @@ computed once per sample and read from disk afterwards (``networks.difuser.Featu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,18 +22,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-from torchmetrics import ClasswiseWrapper, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassJaccardIndex,
-    MultilabelF1Score,
-)
+from torchmetrics import MetricCollection
 
 from lightning_modules.frozen import FrozenPartsCheckpointMixin
+from metrics.geobench import TaskType, task_metrics
 from networks.difuser.cache import CacheDtype, FeatureCache
 
-TaskType = Literal["classification", "multilabel", "segmentation"]
 TASK_FIELDS = ("task_type", "num_classes", "class_names", "ignore_index", "dataset_key")
 CHECKPOINT_TASK_KEY = "difuser_task"
 
@@ -41,40 +35,6 @@ CHECKPOINT_TASK_KEY = "difuser_task"
 def paper_adamw(params) -> torch.optim.Optimizer:
     """The paper's optimiser: AdamW, initial learning rate 0.01."""
     return torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
-
-
-def task_metrics(
-    task_type: TaskType, num_classes: int, class_names: list[str] | None, ignore_index: int | None
-) -> MetricCollection:
-    """GEO-Bench metrics: top-1 accuracy and macro F1 (classification); micro and macro F1 at sigmoid > 0.5
-    (multi-label); mIoU and per-class IoU from one confusion matrix over the split with ``ignore_index`` pixels
-    removed, and overall pixel accuracy (segmentation)."""
-    if task_type == "classification":
-        return MetricCollection(
-            {
-                "accuracy": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                "f1_macro": MulticlassF1Score(num_classes, average="macro"),
-            }
-        )
-    if task_type == "multilabel":
-        return MetricCollection(
-            {
-                "f1_micro": MultilabelF1Score(num_classes, threshold=0.5, average="micro"),
-                "f1_macro": MultilabelF1Score(num_classes, threshold=0.5, average="macro"),
-            }
-        )
-    labels = [name.replace(" ", "_") for name in (class_names or [str(c) for c in range(num_classes)])]
-    return MetricCollection(
-        {
-            "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
-            "iou": ClasswiseWrapper(
-                MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index),
-                labels=labels,
-                prefix="iou_",
-            ),
-            "pixel_accuracy": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
-        }
-    )
 
 
 class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):

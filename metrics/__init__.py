@@ -9,6 +9,8 @@ from metrics.forecast import (
     StructuralSimilarity,
 )
 from metrics.functional import gssim, l1, mse, psnr, ssim
+from metrics.geobench import task_metrics
+from metrics.losses import HybridIJEPALoss, flow_matching_loss
 from metrics.table import append_row, format_table, metric_row, read_rows
 
 __all__ = [
@@ -27,4 +29,7 @@ __all__ = [
     "psnr",
     "read_rows",
     "ssim",
+    "task_metrics",
+    "HybridIJEPALoss",
+    "flow_matching_loss",
 ]

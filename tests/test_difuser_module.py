@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_cli.cli import main
-from lightning_modules.difuser import DiFuserModule, task_metrics
+from lightning_modules.difuser import DiFuserModule
+from metrics.geobench import task_metrics
 from networks.difuser import GlobalWeightedFusion, LinearClassificationHead
 from tests.fixtures.make_geobench import write_cashew_plant, write_eurosat
 from tests.test_difuser_extractor import images, tiny_extractor
