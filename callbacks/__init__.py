@@ -1,4 +1,5 @@
 """satdiff: callbacks."""
+
 from callbacks.checkpoint import AtomicCheckpointIO, EpochSeededSampler, ExactResume, LastCheckpoint  # noqa: F401
 from callbacks.ema import TrainableEMA  # noqa: F401
 from callbacks.faults import NonFiniteLossError, NonFiniteLossGuard  # noqa: F401

@@ -1,0 +1,275 @@
+"""Shared evaluation machinery for every next-frame forecaster (baselines and Sat-JEPA-Diff).
+
+A subclass only says how to forecast (``forecast``) and how to train (``training_step``,
+``configure_optimizers``); this base class does the rest identically for all models, so their numbers are
+comparable:
+
+- validation: clamped forecasts, ``val/loss`` (the checkpoint monitor, ``validation_loss``), ``val/<metric>``,
+  and ``last_val_images`` (first validation batch) for ``callbacks.ForecastImageCallback``;
+- test on single-step batches (``image``/``target``): ``test/<metric>``;
+- test on sequence batches (``images``, DataModule ``sequence: true``): an autoregressive rollout from
+  ``rollout_start`` to the last frame, each forecast fed back as input, metrics per step as
+  ``test/step_<n>/<metric>`` against the real frames, and a rollout strip PNG per sequence;
+- end of test: one table row with every metric (one per rollout step), printed, logged and appended to a CSV
+  in the run folder (``metrics.table``), so several models' tests can be shown side by side;
+- predict: each forecast written as a float32 GeoTIFF with its window's CRS and transform.
+
+Per-step rollout metrics are created on first use, so under DDP every rank must see sequences of one length.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import rasterio
+import torch
+from affine import Affine
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
+from rasterio.crs import CRS
+from torch import Tensor, nn
+
+from callbacks.images import rollout_strip, run_directory, save_and_log_image
+from metrics.forecast import ForecastMetrics
+from metrics.functional import l1
+from metrics.table import append_row, format_table, metric_row
+
+RESULTS_CSV_NAME = "test_results.csv"
+
+
+def masked_pixel_loss(
+    loss: Callable[[Tensor, Tensor], Tensor], forecast: Tensor, target: Tensor, mask: Tensor
+) -> Tensor:
+    """Apply a ``metrics.functional`` pixel loss to the valid pixels only (``mask`` is ``(B, H, W)``).
+
+    The valid pixel values are gathered into a ``(1, 1, 1, N)`` image, so the loss is their exact mean; with no
+    valid pixel the loss is a zero that still belongs to the graph.
+    """
+    keep = mask[:, None].expand_as(forecast)
+    if not keep.any():
+        return forecast.sum() * 0.0
+    return loss(forecast[keep].view(1, 1, 1, -1), target[keep].view(1, 1, 1, -1))
+
+
+def write_forecast_geotiff(path: Path, forecast: Tensor, crs_wkt: str, transform: tuple[float, ...]) -> None:
+    """Write a ``(C, H, W)`` forecast as float32 GeoTIFF via a temporary name, so no half file is ever left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    array = forecast.detach().float().cpu().numpy()
+    profile = {
+        "driver": "GTiff",
+        "dtype": "float32",
+        "count": array.shape[0],
+        "height": array.shape[1],
+        "width": array.shape[2],
+        "crs": CRS.from_wkt(crs_wkt),
+        "transform": Affine(*transform[:6]),
+    }
+    try:
+        with rasterio.open(partial, "w", **profile) as dst:
+            dst.write(array)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class ForecastTask(LightningModule, ABC):
+    """Base LightningModule for forecasting ``(B, k, 3, H, W)`` histories to the next frame ``(B, 3, H, W)``.
+
+    Args:
+        history: frames per input (k); must equal the DataModule's ``history`` (checked on every batch).
+        lpips_weights, fid_weights, fid_feature: passed to ``metrics.ForecastMetrics`` (local weight paths;
+            LPIPS/FID are skipped with a warning when None).
+        name: the model's name in the results table (default: ``model_name()``).
+        predict_dir: folder for predicted GeoTIFFs (default: ``predictions/`` in the run folder).
+        results_csv: CSV the test rows are appended to (default: ``<default_root_dir>/test_results.csv``, shared
+            by every run under that folder).
+        rollout_start: index of the last real frame a rollout starts from (default: ``history - 1``).
+    """
+
+    def __init__(
+        self,
+        history: int = 1,
+        lpips_weights: str | None = None,
+        fid_weights: str | None = None,
+        fid_feature: int = 2048,
+        name: str | None = None,
+        predict_dir: str | None = None,
+        results_csv: str | None = None,
+        rollout_start: int | None = None,
+    ):
+        super().__init__()
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        start = history - 1 if rollout_start is None else rollout_start
+        if start < history - 1:
+            raise ValueError(f"rollout_start={start} leaves fewer than history={history} real input frames")
+        self.history = history
+        self.lpips_weights = lpips_weights
+        self.fid_weights = fid_weights
+        self.fid_feature = fid_feature
+        self.name = name
+        self.predict_dir = predict_dir
+        self.results_csv = results_csv
+        self.rollout_start = start
+        self.last_val_images: dict[str, Tensor] | None = None
+        self.rollout_metrics = nn.ModuleDict()
+        self.single_step_test_batches = 0
+        self.configure_metrics()
+
+    # ----- what subclasses provide -------------------------------------------------------------------------
+    @abstractmethod
+    def forecast(self, image: Tensor) -> Tensor:
+        """Forecast the next frame ``(B, 3, H, W)`` from a history ``(B, k, 3, H, W)`` (unclamped is fine)."""
+
+    def validation_loss(self, batch: dict[str, Any], forecast: Tensor) -> Tensor:
+        """Loss logged as ``val/loss`` for checkpoint selection; masked L1 unless a subclass knows better."""
+        return masked_pixel_loss(l1, forecast, batch["target"], batch["mask"])
+
+    def model_name(self) -> str:
+        """Row label in the results table: ``name`` if configured, else the class name."""
+        return self.name or type(self).__name__
+
+    # ----- shared machinery --------------------------------------------------------------------------------
+    def configure_metrics(self) -> None:
+        """Build the forecast metrics once and clone them per split (torchgeo's trainer pattern)."""
+        metrics = ForecastMetrics(
+            lpips_weights=self.lpips_weights, fid_weights=self.fid_weights, fid_feature=self.fid_feature
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def check_history(self, image: Tensor) -> None:
+        """Fail clearly when the DataModule's history length differs from the model's ``history`` key."""
+        if image.ndim != 5 or image.shape[1] != self.history:
+            raise ValueError(
+                f"expected a history of shape (B, {self.history}, C, H, W) (model key `history`), got "
+                f"{tuple(image.shape)}; set the model's `history` to the DataModule's `history`"
+            )
+
+    def predict_next(self, image: Tensor) -> Tensor:
+        """The clamped forecast every evaluation path uses."""
+        self.check_history(image)
+        return self.forecast(image).clamp(0.0, 1.0)
+
+    @staticmethod
+    def masked_pair(forecast: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Metric inputs where invalid pixels carry the target's value, so they add no error."""
+        return torch.where(mask[:, None], forecast, target), target
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        forecast = self.predict_next(batch["image"])
+        loss = self.validation_loss(batch, forecast)
+        batch_size = forecast.shape[0]
+        self.log("val/loss", loss, batch_size=batch_size, sync_dist=True, prog_bar=True)
+        self.val_metrics.update(*self.masked_pair(forecast, batch["target"], batch["mask"]))
+        if batch_idx == 0:
+            self.last_val_images = {
+                "input": batch["image"][:, -1].detach().cpu(),
+                "target": batch["target"].detach().cpu(),
+                "forecast": forecast.detach().cpu(),
+            }
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute())  # already reduced over ranks by torchmetrics
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "images" in batch:
+            self.rollout(batch, batch_idx)
+            return
+        forecast = self.predict_next(batch["image"])
+        self.log(
+            "test/loss", self.validation_loss(batch, forecast), batch_size=forecast.shape[0], sync_dist=True
+        )
+        self.test_metrics.update(*self.masked_pair(forecast, batch["target"], batch["mask"]))
+        self.single_step_test_batches += 1
+
+    def rollout(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Autoregressive rollout: feed each forecast back in up to the last frame, scoring every step."""
+        images, masks = batch["images"], batch["mask"]
+        num_frames = images.shape[1]
+        start = self.rollout_start
+        if start >= num_frames - 1:
+            raise ValueError(
+                f"rollout_start={start} leaves nothing to forecast in a sequence of {num_frames} frames "
+                f"(regions {batch['region']})"
+            )
+        frames = list(images[:, : start + 1].unbind(1))
+        valid_inputs = masks[:, : start + 1].all(dim=1)
+        forecasts = []
+        for step, target_index in enumerate(range(start + 1, num_frames), start=1):
+            forecast = self.predict_next(torch.stack(frames[-self.history :], dim=1))
+            frames.append(forecast)
+            forecasts.append(forecast)
+            metrics = self.step_metrics(step)
+            target = images[:, target_index]
+            metrics.update(*self.masked_pair(forecast, target, valid_inputs & masks[:, target_index]))
+        self.save_rollout_strips(batch, torch.stack(forecasts, dim=1), batch_idx)
+
+    def step_metrics(self, step: int) -> nn.Module:
+        """Metrics of rollout step ``step`` (``test/step_<n>/``), created on first use."""
+        key = str(step)
+        if key not in self.rollout_metrics:
+            metrics = self.test_metrics.clone(prefix=f"test/step_{step}/")
+            metrics.reset()
+            self.rollout_metrics[key] = metrics.to(self.device)
+        return self.rollout_metrics[key]
+
+    def save_rollout_strips(self, batch: dict[str, Any], forecasts: Tensor, batch_idx: int) -> None:
+        """Save one strip PNG per sequence (real frames over forecasts) and log it to W&B when attached."""
+        folder = run_directory(self.trainer) / "rollouts"
+        for i, region in enumerate(batch["region"]):
+            strip = rollout_strip(batch["images"][i], forecasts[i], times=batch["times"][i])
+            path = folder / f"{self.model_name()}_{region}_{batch_idx}_{i}.png"
+            save_and_log_image(
+                strip, path, self.trainer.loggers, key=f"test/rollout/{region}", step=self.global_step
+            )
+
+    def on_test_epoch_start(self) -> None:
+        self.single_step_test_batches = 0
+        self.rollout_metrics.clear()
+
+    def on_test_epoch_end(self) -> None:
+        values: dict[str, Tensor] = {}
+        if self.single_step_test_batches:
+            values.update(self.test_metrics.compute())
+            self.test_metrics.reset()
+        for metrics in self.rollout_metrics.values():
+            values.update(metrics.compute())
+            metrics.reset()
+        self.log_dict(values)  # already reduced over ranks by torchmetrics
+        self.report_test_row({key: float(value) for key, value in values.items()})
+
+    @rank_zero_only
+    def report_test_row(self, values: dict[str, float]) -> None:
+        """Print the model's table row (one per rollout step) and append it to the run folder's results CSV."""
+        rows = {}
+        if self.single_step_test_batches:
+            rows[self.model_name()] = metric_row(values)
+        for step in self.rollout_metrics:
+            rows[f"{self.model_name()} step {step}"] = metric_row(values, prefix=f"test/step_{step}/")
+        path = Path(self.results_csv or Path(self.trainer.default_root_dir) / RESULTS_CSV_NAME)
+        for model, metrics in rows.items():
+            append_row(path, model, metrics)
+        print(format_table(rows))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        """Write each forecast as ``<region>_<target_time>_<x>_<y>.tif`` (window origin) and return the paths."""
+        if "image" not in batch:
+            raise ValueError("predict writes next-frame forecasts; set the DataModule's `sequence` to false")
+        forecast = self.predict_next(batch["image"])
+        folder = Path(self.predict_dir) if self.predict_dir else run_directory(self.trainer) / "predictions"
+        paths = []
+        for i in range(forecast.shape[0]):
+            transform = tuple(float(v) for v in batch["transform"][i])
+            origin = f"{transform[2]}_{transform[5]}"
+            path = folder / f"{batch['region'][i]}_{batch['target_time'][i]}_{origin}.tif"
+            write_forecast_geotiff(path, forecast[i], batch["crs"][i], transform)
+            paths.append(str(path))
+        return paths
