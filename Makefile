@@ -1,5 +1,5 @@
 # Set-up and everyday commands. `make demo` and `make test` install into .venv first when needed.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp

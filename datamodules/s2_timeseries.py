@@ -131,10 +131,10 @@ def _pattern_regex(pattern: str, region: str, time_regex: str) -> re.Pattern[str
 
 
 def _pixel_invalid(raw: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(H, W) True where any band is NaN or equals the nodata value."""
+    """(H, W) True where any band is NaN, infinite or equals the nodata value."""
     invalid = np.zeros(raw.shape[1:], dtype=bool)
     if np.issubdtype(raw.dtype, np.floating):
-        invalid |= np.isnan(raw).any(axis=0)
+        invalid |= ~np.isfinite(raw).all(axis=0)
     if nodata is not None and not np.isnan(nodata):
         invalid |= (raw == nodata).any(axis=0)
     return invalid
@@ -182,9 +182,9 @@ class PixelReader:
         return torch.from_numpy(scaled), torch.from_numpy(~invalid)
 
     def read_embedding(self, path: Path, row: int, col: int, size: int) -> tuple[Tensor, Tensor]:
-        """Return the (64, size, size) embedding and its validity mask (NaN pixels are zeroed and invalid)."""
+        """Return the (64, size, size) embedding and its validity mask (NaN/Inf pixels are zeroed and invalid)."""
         raw = self._read(path, Window(col, row, size, size)).astype(np.float32)
-        invalid = np.isnan(raw).any(axis=0)
+        invalid = ~np.isfinite(raw).all(axis=0)
         raw[:, invalid] = 0.0
         return torch.from_numpy(raw), torch.from_numpy(~invalid)
 

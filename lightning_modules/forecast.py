@@ -69,6 +69,8 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
             ``warmup_epochs``, then cosine to ``min_lr`` at the end of training (per optimizer step).
         weight_decay, final_weight_decay, betas: AdamW settings (weight decay follows a cosine over training).
         sampling_seed: seed of the sampler's noise generator.
+        gradient_checkpointing: recompute the activations of the SD3 transformer blocks (diffusers) and the I-JEPA
+            encoder/predictor blocks (timm) in backward: less memory, about a third more compute.
         **kwargs: ``ForecastTask`` keys (history, metric weights, output folders, rollout_start).
     """
 
@@ -98,6 +100,7 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
         final_weight_decay: float = 0.4,
         betas: tuple[float, float] = (0.9, 0.999),
         sampling_seed: int = 0,
+        gradient_checkpointing: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -117,6 +120,11 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
                 raise ValueError(f"use_ijepa is true but config keys {missing} are not set")
         elif not train_diffusion:
             raise ValueError("use_ijepa: false and train_diffusion: false leaves nothing to train")
+        if gradient_checkpointing:
+            backbone.transformer.enable_gradient_checkpointing()
+            if use_ijepa:
+                encoder.set_grad_checkpointing()
+                predictor.set_grad_checkpointing()
         self.backbone = backbone
         self.adapter = adapter
         self.use_ijepa = use_ijepa

@@ -73,6 +73,8 @@ def write_forecast_geotiff(path: Path, forecast: Tensor, crs_wkt: str, transform
         with rasterio.open(partial, "w", **profile) as dst:
             dst.write(array)
         os.replace(partial, path)
+    except OSError as error:
+        raise OSError(f"could not write the forecast GeoTIFF {path}: {error}") from error
     finally:
         partial.unlink(missing_ok=True)
 

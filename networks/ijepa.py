@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -110,8 +111,16 @@ class IJEPAEncoder(nn.Module):
         tokens = self.vit.patch_embed(image) + self.pos_embed
         if keep_indices is not None:
             tokens = gather_tokens(tokens, keep_indices)
-        tokens = self.vit.blocks(self.vit.norm_pre(tokens))
+        tokens = self.vit.norm_pre(tokens)
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(self.vit.blocks, tokens)
+        else:
+            tokens = self.vit.blocks(tokens)
         return self.vit.norm(tokens)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (timm's switch) to save memory in training."""
+        self.vit.set_grad_checkpointing(enable)
 
 
 class IJEPAPredictor(nn.Module):
@@ -152,6 +161,11 @@ class IJEPAPredictor(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim)
         self.register_buffer("pos_embed", _sincos_positions(grid_size, width), persistent=False)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (as timm models do) to save memory in training."""
+        self.grad_checkpointing = enable
 
     def _positions(self, indices: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         positions = self.pos_embed.expand(batch_size, -1, -1)
@@ -171,7 +185,11 @@ class IJEPAPredictor(nn.Module):
             )
         context = self.embed(context_tokens) + self._positions(context_indices, batch_size)
         queries = self.mask_token + self._positions(target_indices, batch_size)
-        tokens = self.blocks(torch.cat([context, queries], dim=1))
+        tokens = torch.cat([context, queries], dim=1)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(self.blocks, tokens)
+        else:
+            tokens = self.blocks(tokens)
         return self.head(self.norm(tokens[:, num_context:]))
 
 

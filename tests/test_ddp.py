@@ -1,45 +1,96 @@
-"""DDP on CPU (gloo): a 2-process run matches a 1-process run with the same global batch."""
+"""DDP on CPU (gloo): a 2-process run matches a 1-process run with the same global batch; metrics are synced."""
 
+import csv
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lightning_cli import main
 from tests.conftest import REPO_ROOT
 
 TOY = "tests.fixtures.toy_training"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def test_two_process_ddp_matches_single_process(tmp_path):
-    # No dropout/noise and an ordered loader: rank r takes samples r, r+2, ... so each 2x2 step covers the same 4
-    # samples as one step of batch 4, and DDP's gradient mean equals the single process's batch mean.
-    common = ["fit", "--model", f"{TOY}.ToyRegression", "--model.dropout", "0", "--model.noise_std", "0"]
-    common += ["--data", f"{TOY}.ToyData", "--data.shuffle", "false", "--trainer.max_epochs", "2"]
-    common += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    common += ["--trainer.accelerator", "cpu", "--trainer.num_sanity_val_steps", "0"]
-
-    single = main([*common, "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "single")])
-    expected_best = single.trainer.checkpoint_callback.best_model_score
-
+def _run_ddp(args: list[str]) -> None:
+    """``python -m lightning_cli <args>`` on 2 CPU processes (Lightning launches the second one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    ddp_args = ["--data.batch_size", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    ddp_args += ["--trainer.default_root_dir", str(tmp_path / "ddp")]
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_cli", *common, *ddp_args],
+        [sys.executable, "-m", "lightning_cli", *args, *ddp],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    # Deterministic case: no dropout/noise and plain SGD (AdamW's first step is lr * sign(g), which turns float
+    # rounding of near-zero gradients into 2 * lr). Lightning always gives the DDP train loader a shuffled
+    # DistributedSampler seeded by (seed, epoch); ExactResume's single-process sampler draws the same permutation,
+    # so each DDP step (2 ranks x 2 samples) covers the same 4 samples as one single-process step of batch 4.
+    common = ["fit", "--model", f"{TOY}.ToyRegression", "--model.dropout", "0", "--model.noise_std", "0"]
+    common += ["--model.optimizer", "torch.optim.SGD", "--model.lr", "0.05"]
+    common += ["--data", f"{TOY}.ToyData", "--data.shuffle", "true", "--trainer.max_epochs", "2"]
+    common += ["--trainer.logger", "false", "--trainer.num_sanity_val_steps", "0", *QUIET]
+
+    single = main([*common, "--data.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "single")])
+    _run_ddp([*common, "--data.batch_size", "2", "--trainer.default_root_dir", str(tmp_path / "ddp")])
+
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == single.trainer.global_step == 20
     single_state = single.model.state_dict()
+    assert set(checkpoint["state_dict"]) == {name for name in single_state if name.startswith("head.")}
+    initial = type(single.model)(dropout=0.0, noise_std=0.0).state_dict()  # seed 0 rebuilds the start weights
     for name, value in checkpoint["state_dict"].items():
-        torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(value, initial[name], atol=1e-3), f"{name} did not train"
+        torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-6)
     best = next(s for k, s in checkpoint["callbacks"].items() if "val/loss" in k)
     # val/loss is synced across ranks (mean of the ranks' means over equal halves of the val split).
-    torch.testing.assert_close(best["best_model_score"], expected_best, rtol=1e-4, atol=1e-5)
+    expected_best = single.trainer.checkpoint_callback.best_model_score
+    torch.testing.assert_close(best["best_model_score"], expected_best, rtol=1e-5, atol=1e-7)
+
+
+def test_simvp_trains_under_ddp_and_its_val_metrics_cover_the_global_split(tmp_path):
+    # The 12 demo validation windows split 6/6 over the ranks (no padding); torchmetrics states and logged values are
+    # reduced across ranks, so the DDP values must equal a single process validating the same weights.
+    config = [
+        "--config",
+        str(REPO_ROOT / "configs" / "tiny" / "simvp.yaml"),
+        "--trainer.num_sanity_val_steps",
+        "0",
+    ]
+    config += ["--data.init_args.root", str(REPO_ROOT / "data" / "demo"), *QUIET]
+    run_dir = tmp_path / "ddp"
+    _run_ddp(
+        ["fit", *config, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+        + ["--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(run_dir)]
+        + [
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            str(run_dir),
+        ]
+    )
+    (metrics_csv,) = run_dir.rglob("metrics.csv")
+    with metrics_csv.open() as handle:
+        (logged,) = [row for row in csv.DictReader(handle) if row["val/loss"]]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+    single = main(
+        ["validate", *config, "--trainer.logger", "false", "--data.init_args.batch_size", "4"]
+        + ["--ckpt_path", str(last)]
+        + ["--trainer.default_root_dir", str(tmp_path / "single")]
+    )
+    expected = single.trainer.callback_metrics
+    names = {"val/loss", "val/l1", "val/mse", "val/psnr", "val/ssim", "val/gssim"}
+    assert names <= set(expected)
+    for name in names:
+        assert float(logged[name]) == pytest.approx(float(expected[name]), rel=1e-5), name

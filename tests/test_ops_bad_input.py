@@ -1,0 +1,136 @@
+"""Bad input and faults through the CLI and DataModules, where the parts' own tests do not cover them already.
+
+Covered elsewhere (not repeated here): S2 wrong band count, grid/CRS/embedding-grid disagreement, truncated and
+corrupt files, empty split, missing root, NaN/nodata masking (``tests/test_s2_datamodule.py``); GEO-Bench truncated,
+missing and corrupt samples, missing bands, NaN/Inf, empty split (``tests/test_geobench.py``); unknown config keys
+(``tests/test_cli.py``, ``tests/test_faults.py``); missing SD3/metric/DiFuser weight folders at the class level
+(``tests/test_sd3.py``, ``tests/test_metrics.py``, ``tests/test_difuser_module.py``); NaN loss
+(``tests/test_faults.py``).
+"""
+
+import errno
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+import lightning_modules.forecast_task as forecast_task
+from datamodules.s2_timeseries import S2ForecastDataModule
+from lightning_cli import main
+from tests.conftest import REPO_ROOT
+from tests.fixtures.make_s2_dataset import (
+    DN_SCALE,
+    REGIONS,
+    YEARS,
+    embedding_path,
+    make_s2_dataset,
+    region_transform,
+    rgb_path,
+    write_raster,
+)
+
+TINY = REPO_ROOT / "configs" / "tiny"
+DEMO_DATA = REPO_ROOT / "data" / "demo"
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+PATCH = 16
+INF_PIXEL = (3, 3)
+
+
+def _write_inf_pixel(root: Path, kind: str) -> Path:
+    """A 3-region dataset whose 2nd region has +Inf at ``INF_PIXEL`` in one RGB or embedding file."""
+    make_s2_dataset(root, regions=REGIONS[:3])
+    region, year = REGIONS[1], YEARS[1]
+    if kind == "rgb":
+        path = rgb_path(root, region, year)
+        with rasterio.open(path) as src:
+            data = src.read().astype(np.float32)
+    else:
+        path = embedding_path(root, region, year)
+        with rasterio.open(path) as src:
+            data = src.read()
+    data[:, INF_PIXEL[0], INF_PIXEL[1]] = np.inf
+    return write_raster(path, data, region_transform(1))
+
+
+@pytest.mark.parametrize("kind", ["rgb", "embedding"])
+def test_inf_pixels_are_invalid_like_nan(tmp_path, kind):
+    path = _write_inf_pixel(tmp_path, kind)
+    datamodule = S2ForecastDataModule(str(tmp_path), reflectance_scale=DN_SCALE, patch_size=PATCH)
+    datamodule.setup("fit")
+    reader = datamodule.reader
+    if kind == "rgb":
+        values, valid = reader.read_rgb(path, None, 0, 0, PATCH)
+    else:
+        values, valid = reader.read_embedding(path, 0, 0, PATCH)
+    assert torch.isfinite(values).all()
+    assert not valid[INF_PIXEL], f"an Inf pixel of {path} is marked valid"
+
+
+def test_forecast_config_with_missing_sd3_folder_names_the_key(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # the paths of configs/forecast.yaml are relative to the repository
+    assert not (REPO_ROOT / "models" / "stable-diffusion-3.5-medium").exists()
+    args = ["fit", "--config", str(REPO_ROOT / "configs" / "forecast.yaml"), *QUIET]
+    args += ["--data.init_args.root", str(DEMO_DATA), "--trainer.accelerator", "cpu"]
+    with pytest.raises(ValueError, match=r"config key 'clip_l_path': model folder not found"):
+        main(args)
+
+
+@pytest.mark.parametrize("key", ["lpips_weights", "fid_weights"])
+def test_missing_metric_weights_name_the_key_before_training(tmp_path, key):
+    args = ["fit", "--config", str(TINY / "simvp.yaml"), "--data.init_args.root", str(DEMO_DATA), *QUIET]
+    args += [f"--model.init_args.{key}", str(tmp_path / "absent.pth")]
+    args += ["--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=key):
+        main(args)
+    assert not (tmp_path / "checkpoints").exists(), "training started"
+
+
+class _DiskFullWriter:
+    """Wraps an open GeoTIFF: its ``write`` puts the first band on disk, then fails like a full disk."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __enter__(self):
+        self.dataset.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.dataset.__exit__(*exc_info)
+
+    def write(self, array):
+        self.dataset.write(array[:1], indexes=[1])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_while_predicting_keeps_earlier_predictions_and_leaves_no_half_file(tmp_path, monkeypatch):
+    out = tmp_path / "predictions"
+    args = ["predict", "--config", str(TINY / "persistence.yaml"), "--data.init_args.root", str(DEMO_DATA)]
+    args += [*QUIET, "--trainer.limit_predict_batches", "1", "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--model.init_args.predict_dir", str(out)]
+    real_open = rasterio.open
+    writes = []
+
+    def open_then_fill_disk_on_third_write(path, mode="r", **kwargs):
+        dataset = real_open(path, mode, **kwargs)
+        if mode != "w":
+            return dataset
+        writes.append(Path(path))
+        return _DiskFullWriter(dataset) if len(writes) == 3 else dataset
+
+    monkeypatch.setattr(forecast_task.rasterio, "open", open_then_fill_disk_on_third_write)
+    with pytest.raises(OSError, match="No space left") as failure:
+        main(args)
+    monkeypatch.undo()
+    assert writes[2].name.removesuffix(".partial") in str(failure.value)  # the error names the file
+
+    assert len(writes) == 3
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name.removesuffix(".partial") for p in writes[:2]
+    )
+    for path in out.iterdir():  # the earlier forecasts are complete GeoTIFFs
+        with rasterio.open(path) as src:
+            data = src.read()
+        assert data.shape == (3, 64, 64) and np.isfinite(data).all() and data.max() > 0
