@@ -218,7 +218,7 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
             self.backbone.encode(frame),
             generator,
         )
-        return self.backbone.decode(latents).clamp(0.0, 1.0).contiguous()
+        return self.backbone.decode(latents).clamp(0.0, 1.0)
 
     # ----- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -154,9 +154,9 @@ class ForecastTask(LightningModule, ABC):
             )
 
     def predict_next(self, image: Tensor) -> Tensor:
-        """The clamped forecast every evaluation path uses."""
+        """The clamped forecast every evaluation path uses (contiguous: metric states reshape it with ``view``)."""
         self.check_history(image)
-        return self.forecast(image).clamp(0.0, 1.0)
+        return self.forecast(image).clamp(0.0, 1.0).contiguous()
 
     @staticmethod
     def masked_pair(forecast: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
