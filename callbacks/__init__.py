@@ -1,6 +1,13 @@
 """satdiff: callbacks."""
 
-from callbacks.checkpoint import AtomicCheckpointIO, EpochSeededSampler, ExactResume, LastCheckpoint  # noqa: F401
+from callbacks.checkpoint import (  # noqa: F401
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    EpochSeededSampler,
+    ExactResume,
+    LastCheckpoint,
+    SeededSamples,
+)
 from callbacks.ema import TrainableEMA  # noqa: F401
 from callbacks.faults import NonFiniteLossError, NonFiniteLossGuard  # noqa: F401
 from callbacks.images import ForecastImageCallback, rollout_strip, save_and_log_image  # noqa: F401

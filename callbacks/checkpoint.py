@@ -1,23 +1,30 @@
-"""Checkpoints that survive crashes and resume exactly.
+"""Checkpoints that survive crashes and pre-emption and resume exactly, with loader workers and DDP ranks.
 
 - ``AtomicCheckpointIO``: Lightning's ``TorchCheckpointIO`` serialises the whole checkpoint into memory and commits
   it through an fsspec transaction, whose local temp file lives in the system temp dir (a cross-device move is a
   copy, so a crash can leave a half-written file) and is never fsynced. Here the checkpoint is streamed into a temp
   file beside the target, fsynced, and renamed over it with ``os.replace``: a reader sees the old or the new file.
-- ``LastCheckpoint``: ``last.ckpt`` every N optimizer steps, at every epoch end, and on pre-emption (SIGTERM), in a
-  folder that does not depend on the logger's run id so that ``fit --ckpt_path last`` finds it from a new process.
+- ``LastCheckpoint``: ``last.ckpt`` every N optimizer steps, at every epoch end (after validation, recording the
+  best checkpoint of that epoch), at the end of training (``max_steps``, ``max_time``) and on pre-emption (SIGTERM,
+  SIGINT, agreed by all ranks at a batch end), in a folder that does not depend on the logger's run id so that
+  ``fit --ckpt_path last`` finds it from a new process.
 - ``ExactResume``: Lightning restores weights, optimizer, schedulers, loops and callbacks, but not the RNG states nor
-  the position inside an epoch of a map-style loader (a fresh ``RandomSampler`` draws a new permutation and the
-  resumed epoch starts from its beginning). This callback gives the train loader an epoch-seeded permutation that
-  skips the batches already trained on and restores the python/numpy/torch RNG states of the checkpoint.
+  the position inside an epoch of a map-style loader (a fresh sampler draws a new permutation and the resumed epoch
+  starts from its beginning, on every rank). This callback gives the train loader an epoch-seeded, per-rank order
+  that skips the batches already trained on, seeds each sample's randomness from ``(seed, epoch, index)`` (so the
+  worker that loads it does not matter), gives each DDP rank its own RNG stream and restores every rank's RNG states.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import random
+import signal
 import tempfile
+import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,13 +35,45 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, zero-filled, overwritten)."""
+
+
+def _current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _looks_corrupt(error: BaseException) -> bool:
+    message = str(error)
+    return isinstance(error, (EOFError, zipfile.BadZipFile)) or any(
+        marker in message
+        for marker in ("PytorchStreamReader", "invalid load key", "corrupt", "unexpected EOF")
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write local checkpoints to a temp file in the target folder, fsync, then ``os.replace`` it into place."""
+    """Write local checkpoints to a temp file in the target folder, fsync, then ``os.replace`` it into place.
+
+    Temp files left by a killed write (``.<name>.*.tmp``) are removed at the next write of that name; the file gets
+    the mode a normal file would (``0o666`` minus the umask, not ``mkstemp``'s ``0o600``) so group members of a
+    shared cluster folder can read it. Loading names the file and says it is corrupt when it is not a complete
+    torch archive, instead of torch's message (which for a zero-filled file suggests an unsafe ``weights_only=False``).
+    """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
@@ -44,8 +83,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
         descriptor, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
+            os.fchmod(descriptor, 0o666 & ~_current_umask())
             with os.fdopen(descriptor, "wb") as stream:
                 torch.save(checkpoint, stream)
                 stream.flush()
@@ -60,16 +102,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(directory)
 
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        local = "://" not in str(path) and Path(path).is_file()
+        if local and not zipfile.is_zipfile(path):
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is corrupt: not a complete torch archive (truncated, zero-filled or "
+                "overwritten); resume from another checkpoint"
+            )
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except Exception as error:
+            if not _looks_corrupt(error):
+                raise
+            reason = str(error).split(". ")[0]
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is corrupt ({reason}); resume from another checkpoint"
+            ) from None
+
 
 class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps, at each epoch end and on SIGTERM.
+    """``last.ckpt`` every ``every_n_train_steps`` optimizer steps, at each epoch end, at the end of training and on
+    pre-emption (SIGTERM, SIGINT).
+
+    Pre-emption: SLURM and torchrun signal every rank, Lightning's launcher forwards rank 0's signal, and Lightning's
+    own SIGTERM handler runs a collective inside the handler, which deadlocks against a rank that is in another
+    collective. Here the handler only sets a flag (a second SIGINT interrupts at once); at the next batch end the
+    ranks agree (any rank signalled stops all), ``last.ckpt`` is written once and every rank exits with status 0.
+    On an epoch's last batch the stop (like the periodic save) waits for the epoch's validation and end hooks, so a
+    restart does not skip them.
 
     Args:
-        every_n_train_steps: period in optimizer steps of the mid-epoch save (0: epoch ends and SIGTERM only).
+        every_n_train_steps: period in optimizer steps of the mid-epoch save (0: epoch ends and signals only).
         dirpath: folder of ``last.ckpt``; default ``<trainer.default_root_dir>/checkpoints``.
         overridable: stand down when the trainer has another ``LastCheckpoint`` (the CLI's default instance yields
             to one a config sets).
     """
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, every_n_train_steps: int = 0, dirpath: str | None = None, overridable: bool = False):
         super().__init__(
@@ -81,6 +150,9 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.overridable = overridable
+        self._stop_signal: str | None = None
+        self._stop_after_epoch = False
+        self._active = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.overridable and any(
@@ -91,6 +163,36 @@ class LastCheckpoint(ModelCheckpoint):
             return
         self._use_run_folder(trainer)
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._active = True
+            self._stop_signal = None
+            self._stop_after_epoch = False
+            self._take_over_stop_signals(trainer)
+            # Run after every other callback, so last.ckpt records the best checkpoint that the monitoring
+            # ModelCheckpoint saves at this same epoch end. A new list: the running setup loop keeps the old one.
+            trainer.callbacks = [callback for callback in trainer.callbacks if callback is not self] + [self]
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        trainer._signal_connector.__dict__.pop("register_signal_handlers", None)
+        self._active = False
+
+    def _take_over_stop_signals(self, trainer: Trainer) -> None:
+        """Install the flag-only handler where Lightning installs its own (right before the loops run)."""
+        connector = trainer._signal_connector
+        register_lightning_handlers = type(connector).register_signal_handlers.__get__(connector)
+
+        def register_signal_handlers() -> None:
+            register_lightning_handlers()  # SLURM requeue handler; remembers the handlers to restore at teardown
+            if threading.current_thread() is threading.main_thread():
+                for signum in self.STOP_SIGNALS:
+                    signal.signal(signum, self._request_stop)
+
+        connector.register_signal_handlers = register_signal_handlers
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop now, without a checkpoint
+        self._stop_signal = signal.Signals(signum).name
 
     def _use_run_folder(self, trainer: Trainer) -> None:
         if self.dirpath is None:
@@ -108,31 +210,59 @@ class LastCheckpoint(ModelCheckpoint):
     def _saving_allowed(self, trainer: Trainer) -> bool:
         return not trainer.fast_dev_run and trainer.state.fn == "fit" and not trainer.sanity_checking
 
+    @staticmethod
+    def _epoch_complete(trainer: Trainer) -> bool:
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        # Lightning checks SIGTERM mid-epoch only under DDP; a single process would otherwise run to the epoch end.
-        if trainer.received_sigterm and trainer.world_size == 1:
-            raise SIGTERMException()
+        if not self._active:
+            return
+        # On the epoch's last batch, the epoch-end save (after validation) replaces the periodic one: Lightning
+        # treats a checkpoint written here as a finished epoch and would skip validation and epoch-end hooks.
+        last_batch = self._epoch_complete(trainer)
+        if not last_batch:
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if self._stop_after_epoch or not trainer.strategy.reduce_boolean_decision(
+            self._stop_signal is not None, all=False
+        ):
+            return
+        signalled = self._stop_signal or "a signal to another rank"
+        if last_batch:  # validation and the epoch end first; the flag would make Lightning stop validating
+            rank_zero_info(f"{signalled}: stopping after this epoch's validation and end hooks.")
+            self._stop_after_epoch = True
+            return
+        self._save_if_new(trainer)
+        self._stop(trainer, signalled)
+
+    def _stop(self, trainer: Trainer, signalled: str) -> None:
+        rank_zero_info(f"{signalled}: stopping; resume with `fit --ckpt_path last` ({self.last_model_path}).")
+        # Lightning raises SIGTERMException (exit status 0) on every rank at its next check: right after this batch,
+        # or right after the epoch end.
+        trainer._signal_connector.received_sigterm = True
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # An epoch cut short (max_steps, should_stop) keeps its mid-epoch checkpoint: saving here would mark it done.
-        epoch_complete = (
-            trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
-        )
-        if self._saving_allowed(trainer) and epoch_complete:
+        if self._active and self._saving_allowed(trainer) and self._epoch_complete(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self._stop_after_epoch:
+            self._stop_after_epoch = False
+            self._stop(trainer, self._stop_signal or "a signal to another rank")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A run ending mid-epoch (``max_steps``, ``max_time``) keeps its last steps."""
+        if self._active:
+            self._save_if_new(trainer)
+
+    def _save_if_new(self, trainer: Trainer) -> None:
+        if self._saving_allowed(trainer) and (
+            self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Only the step period and the epoch end trigger saves."""
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or not self._saving_allowed(trainer):
-            return
-        if self._last_global_step_saved != trainer.global_step or self._last_checkpoint_saved is None:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        rank_zero_info(f"SIGTERM: saved {self.last_model_path}; resume with `fit --ckpt_path last`.")
+        """Only the step period, the epoch end, the end of training and signals trigger saves."""
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -157,42 +287,88 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Permutation drawn from ``(seed, epoch)`` alone (not the global RNG), optionally skipping its first indices.
+class EpochSeededSampler(DistributedSampler):
+    """``DistributedSampler``'s order (from ``(seed, epoch)`` alone, padded, every ``num_replicas``-th index from
+    ``rank``) as ``(epoch, index)`` keys (or plain indices), optionally skipping this rank's first ones.
 
-    ``__len__`` stays the full length so Lightning's batch counts match the uninterrupted run; the skip applies to
-    the next iteration only.
+    A ``DistributedSampler``, so Lightning keeps it under DDP instead of swapping in its own; ``__len__`` stays this
+    rank's full share so Lightning's batch counts match the uninterrupted run; the skip applies to the next
+    iteration only.
     """
 
-    def __init__(self, num_samples: int, shuffle: bool, seed: int, epoch: Callable[[], int], skip: int = 0):
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = epoch
+    def __init__(
+        self,
+        dataset: Dataset,
+        shuffle: bool,
+        seed: int,
+        epoch: Callable[[], int],
+        num_replicas: int = 1,
+        rank: int = 0,
+        skip: int = 0,
+        epoch_keys: bool = True,
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.current_epoch = epoch
         self.skip = skip
+        self.epoch_keys = epoch_keys
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        skip, self.skip = self.skip, 0
+        epoch = self.current_epoch()
+        self.set_epoch(epoch)
+        for index in list(super().__iter__())[skip:]:
+            yield (epoch, index) if self.epoch_keys else index
+
+
+class SeededSamples(Dataset):
+    """Loads ``dataset[index]`` for an ``(epoch, index)`` key with the torch/numpy/python RNGs seeded from
+    ``(seed, epoch, index)``.
+
+    Random augmentation that draws from the global RNGs then depends neither on the worker that loads the sample
+    (skipping done batches on resume shifts it), nor on the worker seeds (redrawn at every restart and, with
+    persistent workers, carried across epochs), nor on the process's own stream (forked, left untouched).
+    Attributes not defined here are the wrapped dataset's.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self.dataset)  # type: ignore[arg-type]
 
-    def __iter__(self) -> Iterator[int]:
-        skip, self.skip = self.skip, 0
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch())
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        yield from order[skip:]
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        torch_seed, other_seed = np.random.SeedSequence([self.seed % 2**63, epoch, index]).generate_state(2)
+        numpy_state, python_state = np.random.get_state(), random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(torch_seed))  # CPU only: the process's CUDA stream stays
+            np.random.seed(int(other_seed))
+            random.seed(int(other_seed))
+            try:
+                return self.dataset[index]
+            finally:
+                np.random.set_state(numpy_state)
+                random.setstate(python_state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "seed"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class ExactResume(Callback):
-    """Make ``fit --ckpt_path`` continue exactly like the uninterrupted run (single process).
+    """Make ``fit --ckpt_path`` continue exactly like the uninterrupted run, with loader workers and DDP ranks.
 
-    Covers map-style train loaders built with ``shuffle=True/False`` and a plain ``BatchSampler``, and datasets
-    whose ``__getitem__`` is deterministic. Under DDP Lightning's ``DistributedSampler`` (seeded by epoch) is kept
-    and RNG states are still restored, but a mid-epoch restart begins the epoch's data again.
+    For map-style train loaders whose batch sampler draws from a ``RandomSampler`` or ``SequentialSampler``
+    (``shuffle=True/False``), the loader is rebuilt with an ``EpochSeededSampler`` (the data order of Lightning's
+    ``DistributedSampler``, which resumes at this rank's next batch) giving ``(epoch, index)`` keys to the dataset:
+    one that takes them (``takes_epoch_keys``) seeds its own randomness, any other is wrapped in ``SeededSamples``. Under DDP each rank gets its own RNG stream
+    (``seed + rank``, set after DDP set-up) for noise, masks and dropout; the checkpoint holds every rank's RNG
+    states and each rank restores its own.
 
     Args:
-        seed: base seed of the data order; default the run's ``seed_everything`` seed.
+        seed: base seed of the data order and sample RNGs; default the run's ``seed_everything`` seed.
     """
 
     CHECKPOINT_KEY = "exact_resume"
@@ -203,9 +379,13 @@ class ExactResume(Callback):
         self._pending_rng: dict[str, Any] | None = None
         self._patched: tuple[Any, str] | None = None
 
+    def _base_seed(self) -> int:
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._pending_rng = None
         owner = trainer.datamodule if trainer.datamodule is not None else pl_module
         build = owner.train_dataloader
 
@@ -224,8 +404,6 @@ class ExactResume(Callback):
 
     def _make_resumable(self, loader: Any, trainer: Trainer) -> Any:
         skip_batches, self._pending_skip_batches = self._pending_skip_batches, 0
-        if trainer.world_size > 1:
-            return loader  # Lightning replaces the sampler by a DistributedSampler
         batch_sampler = getattr(loader, "batch_sampler", None)
         sampler = getattr(batch_sampler, "sampler", None)
         plain_random = (
@@ -233,24 +411,69 @@ class ExactResume(Callback):
         )
         if (
             not isinstance(loader, DataLoader)
-            or type(batch_sampler) is not BatchSampler
+            or not isinstance(batch_sampler, BatchSampler)
             or not (plain_random or type(sampler) is SequentialSampler)
         ):
             rank_zero_warn(
                 "ExactResume: the train loader is not a map-style DataLoader with shuffle=True/False; its data order "
-                "is not restored on resume."
+                "and sample randomness are not restored on resume."
             )
             return loader
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        batch_sampler.sampler = EpochSeededSampler(
-            len(sampler),
+        # Samples are drawn from (seed, epoch, index) keys: by the dataset itself when it takes such keys, else
+        # through SeededSamples, which needs a plain DataLoader to be rebuilt around it.
+        epoch_keys = getattr(loader.dataset, "takes_epoch_keys", False) or type(loader) is DataLoader
+        if not epoch_keys:
+            rank_zero_warn(
+                f"ExactResume: {type(loader).__name__} over {type(loader.dataset).__name__}: the data order is resumed, "
+                "but randomness the dataset draws in loader workers is not (give the dataset `takes_epoch_keys`)."
+            )
+        seed = self._base_seed()
+        if epoch_keys and not getattr(loader.dataset, "takes_epoch_keys", False):
+            batching = (
+                {
+                    "batch_size": batch_sampler.batch_size,
+                    "drop_last": batch_sampler.drop_last,
+                    "sampler": sampler,
+                }
+                if type(batch_sampler) is BatchSampler
+                else {
+                    "batch_sampler": batch_sampler
+                }  # a subclass: Lightning rebuilds it from its saved arguments
+            )
+            loader = DataLoader(
+                SeededSamples(loader.dataset, seed),
+                **batching,
+                num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn,
+                pin_memory=loader.pin_memory,
+                timeout=loader.timeout,
+                worker_init_fn=loader.worker_init_fn,
+                multiprocessing_context=loader.multiprocessing_context,
+                generator=loader.generator,
+                prefetch_factor=loader.prefetch_factor,
+                persistent_workers=loader.persistent_workers,
+                pin_memory_device=loader.pin_memory_device,
+                in_order=loader.in_order,
+            )
+        order = EpochSeededSampler(
+            loader.dataset,
             shuffle=plain_random,
             seed=seed,
             epoch=lambda: trainer.current_epoch,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
             skip=skip_batches * batch_sampler.batch_size,
+            epoch_keys=epoch_keys,
         )
+        # Lightning's own re-instantiation (as for DDP), keeping DataLoader and BatchSampler subclasses.
+        loader = _update_dataloader(loader, order, mode=RunningStage.TRAINING)
+        if loader.sampler is not order:
+            # A custom batch sampler now draws from `order`, but torch gives the loader a placeholder `sampler`, by
+            # which Lightning (under DDP) would judge that a DistributedSampler is still missing and replace `order`.
+            object.__setattr__(loader, "sampler", order)
         if loader.generator is None:
-            # Worker seeds come from this generator, not from the global RNG whose state the checkpoint restores.
+            # Each epoch's iterator draws its worker base seed from this generator, else from the global RNG: a run
+            # resumed from an epoch-end checkpoint would be one draw behind the uninterrupted run.
             loader.generator = torch.Generator().manual_seed(seed)
         return loader
 
@@ -260,7 +483,14 @@ class ExactResume(Callback):
         batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if batches_done >= trainer.num_training_batches:
             batches_done = 0  # the epoch is complete; the next one starts from its beginning
-        checkpoint[self.CHECKPOINT_KEY] = {"rng": capture_rng_states(), "batches_done": batches_done}
+        states = capture_rng_states()
+        if trainer.world_size > 1:  # every rank dumps the checkpoint; rank 0 writes all ranks' streams
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            rank_states = gathered
+        else:
+            rank_states = [states]
+        checkpoint[self.CHECKPOINT_KEY] = {"rng": rank_states, "batches_done": batches_done}
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -270,10 +500,22 @@ class ExactResume(Callback):
             rank_zero_warn("ExactResume: the checkpoint has no RNG/data-order state; resuming approximately.")
             return
         self._pending_skip_batches = saved["batches_done"]
-        self._pending_rng = saved["rng"]
+        rank_states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+        if len(rank_states) != trainer.world_size:
+            rank_zero_warn(
+                f"ExactResume: the checkpoint holds RNG states of {len(rank_states)} rank(s), this run has "
+                f"{trainer.world_size}; each rank starts a fresh stream (the data order is still resumed)."
+            )
+            return
+        self._pending_rng = rank_states[trainer.global_rank]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Last hook before the first resumed step, after the sanity check and loader set-up used randomness.
+        # Last hook before the first step, after DDP set-up, the sanity check and loader set-up used randomness.
         if self._pending_rng is not None:
             restore_rng_states(self._pending_rng)
             self._pending_rng = None
+        elif trainer.world_size > 1:
+            rank_seed = self._base_seed() + trainer.global_rank
+            random.seed(rank_seed)
+            np.random.seed(rank_seed % 2**32)
+            torch.manual_seed(rank_seed)  # also every CUDA device

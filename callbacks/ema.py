@@ -97,13 +97,23 @@ class TrainableEMA(EMAWeightAveraging):
         self.start_step = start_step
         self._average_model: TrainableAveragedModel | None = None
         self._swapped = False
+        self._pending_state: dict[str, Any] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._average_model = TrainableAveragedModel(
-            pl_module, self._device or pl_module.device, **self._kwargs
-        )
+        """Nothing yet: ``configure_model`` (e.g. DiFuser's head) runs after ``setup`` and the model is moved later."""
+        if stage == "fit":
+            self._average_model = None
+            self._swapped = False
+            self._pending_state = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After configure_model, checkpoint loading and the move to the final device.
+        named = trainable_parameters(pl_module)
+        device = self._device or (named[0][1].device if named else None)
+        self._average_model = TrainableAveragedModel(pl_module, device, **self._kwargs)
+        if self._pending_state is not None:
+            self._restore(pl_module, self._pending_state)
+            self._pending_state = None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
@@ -112,6 +122,14 @@ class TrainableEMA(EMAWeightAveraging):
             # An average with no members is a plain copy: before start_step the EMA tracks the weights.
             self._average_model.n_averaged.zero_()
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit":  # a later trainer.validate already finds the average in the module
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            super().on_validation_epoch_end(trainer, pl_module)
 
     def _swap_models(self, pl_module: LightningModule) -> None:
         assert self._average_model is not None
@@ -125,12 +143,10 @@ class TrainableEMA(EMAWeightAveraging):
         self._swapped = not self._swapped
 
     def _copy_average_to_current(self, pl_module: LightningModule) -> None:
+        """At the end of training the module takes the average; the raw weights are kept aside (a swap, not a copy)
+        so a checkpoint written afterwards (e.g. ``last.ckpt`` at ``on_train_end``) still holds both."""
         assert self._average_model is not None and not self._swapped
-        with torch.no_grad():
-            for average, live in zip(
-                self._average_model.averaged(), self._average_model.live(pl_module), strict=True
-            ):
-                live.copy_(average)
+        self._swap_models(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -163,11 +179,16 @@ class TrainableEMA(EMAWeightAveraging):
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._average_model is None:
+        if trainer.state.fn != "fit":
             return  # test/validate/predict: state_dict already holds the EMA weights
+        # Loaded before on_fit_start builds the average: applied there.
+        self._pending_state = {"ema": checkpoint.get(CHECKPOINT_KEY)}
+
+    def _restore(self, pl_module: LightningModule, pending: dict[str, Any]) -> None:
+        assert self._average_model is not None
         averaged = self._average_model.averaged()
         live = self._average_model.live(pl_module)
-        saved = checkpoint.get(CHECKPOINT_KEY)
+        saved = pending["ema"]
         with torch.no_grad():
             if saved is None:
                 rank_zero_warn(

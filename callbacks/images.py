@@ -1,7 +1,7 @@
 """Pictures of forecasts: the validation grid callback and the rollout strip.
 
-Both are PNG files in the run folder (the folder ModelCheckpoint also uses: ``<save_dir>/<name>/<version>`` with
-a logger, ``default_root_dir`` without) and are also logged to W&B when the trainer has a ``WandbLogger``.
+Both are PNG files in the run folder (``trainer.default_root_dir``, where the CLI also puts checkpoints, predictions
+and results) and are also logged to W&B when the trainer has a ``WandbLogger``.
 """
 
 from __future__ import annotations
@@ -128,14 +128,9 @@ def save_and_log_image(
 
 
 def run_directory(trainer: Trainer) -> Path:
-    """The run folder, resolved like ModelCheckpoint's (``<save_dir>/<name>/<version>``); call on every rank."""
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        folder = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
-    else:
-        folder = Path(trainer.default_root_dir)
-    return Path(trainer.strategy.broadcast(str(folder)))
+    """The run folder, ``trainer.default_root_dir`` (the CLI sets it to ``runs/<config>/<time>``), which also holds
+    the checkpoints, predictions and results; call on every rank (rank 0's folder is broadcast)."""
+    return Path(trainer.strategy.broadcast(str(trainer.default_root_dir)))
 
 
 class ForecastImageCallback(Callback):

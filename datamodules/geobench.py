@@ -18,12 +18,13 @@ Batches follow docs/DESIGN.md ("SatDiFuser contracts"): ``image`` float32 ``(B, 
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import math
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,11 +33,13 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, RandomSampler
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import NonGeoDataset
 
 TaskType = Literal["classification", "multilabel", "segmentation"]
-Normalization = Literal["minmax", "meanstd"]
+Normalization = Literal["sensor", "percentile", "minmax", "meanstd"]
+PercentileRange = Literal["0.1-99.9", "1-99"]
 
 BENCHMARK_FOLDERS = {"classification": "classification_v1.0", "segmentation": "segmentation_v1.0"}
 
@@ -67,6 +70,18 @@ LABEL_TYPE_TASKS: dict[str, TaskType] = {
     "SemanticSegmentation": "segmentation",
     "SegmentationClasses": "segmentation",
 }
+
+# Fixed digital-number scale per sensor (band-info class in task_specs.pkl), as the SatDiFuser reference scales its
+# inputs: Sentinel-2 L2A reflectance x 10000 by 1/4095 (clipped), 8-bit aerial RGB (geobench's generic
+# ``SpectralBand``) by 1/255. Tasks whose files hold other units set ``pixel_scale``.
+SENSOR_SCALES = {"Sentinel2": 4095.0, "SpectralBand": 255.0}
+# band_stats.json keys (geobench's ``compute_stats``) of each percentile stretch.
+PERCENTILE_KEYS = {
+    "0.1-99.9": ("percentile_0_1", "percentile_99_9"),
+    "1-99": ("percentile_1", "percentile_99"),
+}
+# A fixed scale that maps a band's mean outside this range means the files are not in the sensor's usual units.
+PLAUSIBLE_SCALED_MEAN = (0.005, 0.95)
 
 DEFAULT_PARTITION = "default_partition.json"
 LIGHTNING_TO_GEOBENCH_SPLIT = {"train": "train", "val": "valid", "test": "test"}
@@ -282,6 +297,53 @@ def _class_names(label_type: InertObject, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+NORMALIZATIONS = ("sensor", "percentile", "minmax", "meanstd")
+
+
+def band_scaling(
+    normalization: Normalization,
+    entry: dict[str, Any],
+    band: str,
+    stats_path: Path,
+    sensor: str,
+    pixel_scale: float | None,
+    percentiles: PercentileRange,
+) -> tuple[float, float]:
+    """``(offset, scale)`` of one band: pixels become ``(value - offset) / scale``."""
+    fields = {
+        "sensor": ("mean",),
+        "percentile": PERCENTILE_KEYS[percentiles],
+        "minmax": ("min", "max"),
+        "meanstd": ("mean", "std"),
+    }[normalization]
+    if not all(isinstance(entry.get(f), int | float) and math.isfinite(entry[f]) for f in fields):
+        raise ValueError(f"{stats_path} lacks finite {'/'.join(fields)} for band '{band}'")
+    if normalization == "sensor":
+        scale = pixel_scale or SENSOR_SCALES.get(sensor)
+        if scale is None:
+            raise ValueError(
+                f"no fixed scale known for band '{band}' of sensor {sensor} (task_specs.pkl); set config key "
+                "'pixel_scale' or use normalization 'percentile'"
+            )
+        low, high = PLAUSIBLE_SCALED_MEAN
+        if not low <= entry["mean"] / scale <= high:
+            raise ValueError(
+                f"{stats_path}: band '{band}' has mean {entry['mean']:.4g}, i.e. {entry['mean'] / scale:.3g} after "
+                f"dividing by {scale:g}: not {sensor} digital numbers; set config key 'pixel_scale' or use "
+                "normalization 'percentile'"
+            )
+        return 0.0, float(scale)
+    if normalization == "meanstd":
+        offset, spread = entry["mean"], entry["std"]
+    else:
+        offset, spread = entry[fields[0]], entry[fields[1]] - entry[fields[0]]
+    if spread <= 0:
+        raise ValueError(
+            f"{stats_path}: band '{band}' has zero {'std' if normalization == 'meanstd' else 'range'}"
+        )
+    return float(offset), float(spread)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -454,6 +516,34 @@ class GeoBenchSplit(NonGeoDataset):
         return values
 
 
+class KeepLastBatchSampler(BatchSampler):
+    """Batches that keep the last partial batch (small label splits must train), merging a final batch of one
+    into the one before it: BatchNorm (UPerNet's PPM) cannot train on a single sample. With ``batch_size`` 1 every
+    batch is a full one and nothing is merged."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pending: list[int] | None = None
+        for batch in super().__iter__():
+            if pending is not None and len(batch) == 1 and self.batch_size > 1:
+                batch = pending + batch
+            elif pending is not None:
+                yield pending
+            pending = batch
+        if pending is not None:
+            yield pending
+
+    def __len__(self) -> int:
+        batches = super().__len__()
+        if (
+            not self.drop_last
+            and self.batch_size > 1
+            and batches > 1
+            and len(self.sampler) % self.batch_size == 1
+        ):
+            return batches - 1
+        return batches
+
+
 # ----------------------------------------------------------------------------------------------------------
 # DataModule
 # ----------------------------------------------------------------------------------------------------------
@@ -470,13 +560,25 @@ class GeoBenchDataModule(NonGeoDataModule):
             gives the train split (valid/test always come from the default partition).
         image_size: square side to resize to (bilinear, antialiased for images; nearest for masks); None keeps
             the native size.
-        normalization: ``minmax`` maps each band to [0, 1] with band_stats.json's min/max (as the paper) and
-            clips (the stats come from a subsample, so a few pixels fall outside); ``meanstd`` standardises.
+        normalization: how pixels reach the [0, 1] the diffusion VAE expects. ``sensor`` (default) divides by a
+            fixed per-sensor scale (Sentinel-2 DN / 4095, 8-bit aerial RGB / 255, as the SatDiFuser reference) and
+            clips: independent of band_stats.json, whose maxima are saturated outliers (clouds, glint) and whose
+            percentiles shift with the scenes sampled. ``percentile`` stretches band_stats.json's ``percentiles``
+            range to [0, 1] and clips. ``minmax`` uses band_stats.json's min/max (near-black images on real
+            Sentinel-2 tasks: the maxima are outliers); ``meanstd`` standardises (not for the VAE).
+        percentiles: the band_stats.json range of the ``percentile`` stretch: ``0.1-99.9`` or ``1-99``.
+        pixel_scale: the divisor of ``sensor`` for every band, for tasks whose files are not in the sensor's usual
+            units (None: by sensor, from task_specs.pkl).
         ignore_index: mask value for unlabelled pixels; mask values outside ``[0, num_classes)`` become it.
             255 by default (no task has that many classes). A module's loss/metrics must use ``ignore_index``.
-        batch_size: the paper uses 32.
+        batch_size: the paper uses 32. The last partial training batch is kept (a final batch of one is merged
+            into the previous batch), so label splits smaller than a batch still train.
         num_workers: DataLoader workers.
+        predict_split: ``all`` predicts over train, val and test, e.g. to fill a feature cache before training.
     """
+
+    # No random augmentation: every epoch sees the same pixels, which a feature cache relies on.
+    random_augmentation = False
 
     def __init__(
         self,
@@ -485,17 +587,26 @@ class GeoBenchDataModule(NonGeoDataModule):
         bands: Sequence[str] = ("red", "green", "blue"),
         train_fraction: float = 1.0,
         image_size: int | None = None,
-        normalization: Normalization = "minmax",
+        normalization: Normalization = "sensor",
+        percentiles: PercentileRange = "0.1-99.9",
+        pixel_scale: float | None = None,
         ignore_index: int = 255,
         batch_size: int = 32,
         num_workers: int = 0,
+        predict_split: Literal["test", "all"] = "test",
     ) -> None:
         super().__init__(GeoBenchSplit, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
-        if normalization not in ("minmax", "meanstd"):
+        if normalization not in NORMALIZATIONS:
             raise ValueError(
-                f"config key 'normalization' must be 'minmax' or 'meanstd', got '{normalization}'"
+                f"config key 'normalization' must be one of {NORMALIZATIONS}, got '{normalization}'"
             )
+        if percentiles not in PERCENTILE_KEYS:
+            raise ValueError(
+                f"config key 'percentiles' must be one of {list(PERCENTILE_KEYS)}, got '{percentiles}'"
+            )
+        if pixel_scale is not None and not (math.isfinite(pixel_scale) and pixel_scale > 0):
+            raise ValueError(f"config key 'pixel_scale' must be a positive number, got {pixel_scale}")
         if image_size is not None and image_size <= 0:
             raise ValueError(f"config key 'image_size' must be positive, got {image_size}")
         if not bands:
@@ -522,20 +633,14 @@ class GeoBenchDataModule(NonGeoDataModule):
 
         stats_path = self.task_dir / "band_stats.json"
         stats = _read_json(stats_path, "task")
+        sensors = {info.get("name"): info.pickled_name for info in specs.get("bands_info")}
         offset, scale = [], []
         for band in self.band_names:
-            fields = ("min", "max") if normalization == "minmax" else ("mean", "std")
-            entry = stats.get(band, {})
-            if not all(isinstance(entry.get(f), int | float) and math.isfinite(entry[f]) for f in fields):
-                raise ValueError(f"{stats_path} lacks finite {'/'.join(fields)} for band '{band}'")
-            low, high = entry[fields[0]], entry[fields[1]]
-            spread = high - low if normalization == "minmax" else high
-            if spread <= 0:
-                raise ValueError(
-                    f"{stats_path}: band '{band}' has zero {'range' if normalization == 'minmax' else 'std'}"
-                )
-            offset.append(float(low))
-            scale.append(float(spread))
+            low, spread = band_scaling(
+                normalization, stats.get(band, {}), band, stats_path, sensors[band], pixel_scale, percentiles
+            )
+            offset.append(low)
+            scale.append(spread)
 
         self.default_partition_file = self.task_dir / DEFAULT_PARTITION
         if train_fraction == 1.0:
@@ -553,8 +658,10 @@ class GeoBenchDataModule(NonGeoDataModule):
         self.image_size = image_size
         self.normalization = normalization
         size = f"{image_size}px" if image_size else "native"
+        scaling = hashlib.sha256(json.dumps([offset, scale]).encode()).hexdigest()[:12]
+        # everything that changes the pixels a model sees, so a feature cache never serves another input
         self.dataset_key = (
-            f"geobench_{task}_{'+'.join(_slug(b) for b in self.band_names)}_{size}_{normalization}"
+            f"geobench_{task}_{'+'.join(_slug(b) for b in self.band_names)}_{size}_{normalization}-{scaling}"
         )
         self.split_spec = SplitSpec(
             task_dir=self.task_dir,
@@ -563,7 +670,7 @@ class GeoBenchDataModule(NonGeoDataModule):
             band_names=tuple(self.band_names),
             offset=tuple(offset),
             scale=tuple(scale),
-            clip=normalization == "minmax",
+            clip=normalization != "meanstd",
             image_size=image_size,
             ignore_index=ignore_index,
         )
@@ -589,6 +696,22 @@ class GeoBenchDataModule(NonGeoDataModule):
             self.test_dataset = self.build_split("test")
         if stage == "predict":
             self.predict_dataset = self.test_dataset
+            if self.hparams.predict_split == "all":
+                splits = [self.build_split("train"), self.build_split("val"), self.test_dataset]
+                self.predict_dataset = ConcatDataset(splits)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches keeping the last partial one, so no split is too small to train (an empty split is
+        refused at setup, naming the split and partition file)."""
+        dataset = self._valid_attribute("train_dataset", "dataset")
+        sampler = KeepLastBatchSampler(RandomSampler(dataset), self.batch_size, drop_last=False)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Images are already normalised from band_stats.json; torchgeo's default aug would divide by 255."""

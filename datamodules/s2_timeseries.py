@@ -2,18 +2,26 @@
 
 Layout (the Sat-JEPA-Diff dataset): ``<root>/<Region>/s2_rgb_<Region>_<YYYY>_10km.tif`` (3-band RGB) and,
 optionally, ``<root>/<Region>/embedding_<Region>_<YYYY>_10km.tif`` (64-band AlphaEarth embedding, same grid).
-Every file is opened and read once at ``setup`` so a bad file stops the run before training; samples are
-then lazy rasterio windowed reads. Splits are by region, never by window, so no region leaks across splits.
+Every file is read completely once and checked before training; what the check found is kept in a validation
+manifest keyed by path, size and modification time, so later set-ups (test, predict, other DDP ranks, the next
+run) read no pixels of unchanged files. Samples are lazy rasterio windowed reads. Splits are by region (train,
+validation and test apart), never by window, so no region leaks across splits; only consecutive time steps
+are paired.
 """
 
 from __future__ import annotations
 
+import base64
 import bisect
+import json
 import os
 import re
+import resource
+import tempfile
 import warnings
+import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,22 +29,31 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
+from affine import Affine
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
-from rasterio.windows import transform as window_transform
 from torch import Tensor
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import NonGeoDataset
+from tqdm import tqdm
 
 RGB_BANDS = 3
 EMBEDDING_BANDS = 64
 # A file whose brightest valid pixel stays below this after scaling is almost surely scaled twice.
 MIN_PLAUSIBLE_MAX_REFLECTANCE = 1e-3
+# A file whose valid pixels average above reflectance 1 is mis-scaled (clouds and snow are bright, not the mean).
+MAX_PLAUSIBLE_MEAN_REFLECTANCE = 1.0
 VALIDATION_ROWS_PER_READ = 256
-# Open GeoTIFF handles kept per process (well under common file-descriptor limits).
-MAX_OPEN_FILES = 64
+# Open GeoTIFF handles kept per process; capped below the process's file-descriptor limit.
+MAX_OPEN_FILES = 2048
+RESERVED_FILE_DESCRIPTORS = 256
+MANIFEST_NAME = ".s2_validation_manifest.json"
+MANIFEST_VERSION = 1
+# Crop offsets drawn before falling back to an exact draw among the allowed ones (rejection sampling).
+CROP_DRAWS = 64
 LIST_KEYS = ("region", "time", "target_time", "times", "crs", "transform")
 
 
@@ -57,6 +74,8 @@ class RegionSeries:
     width: int = 0
     crs_wkt: str = ""
     transform: Any = None
+    row_starts: list[int] = field(default_factory=list)
+    col_starts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -78,11 +97,12 @@ class ForecastPair:
 
 @dataclass
 class SequenceWindow:
-    """A grid window of a region's whole time series (sequence mode)."""
+    """A grid window of a run of consecutive time steps of a region (sequence mode)."""
 
     region: RegionSeries
     row: int
     col: int
+    frames: list[int]
 
 
 @dataclass
@@ -93,6 +113,7 @@ class SplitSummary:
     pairs: int = 0
     windows: int = 0
     skipped_windows: int = 0
+    gap_pairs: int = 0
 
 
 def grid_offsets(length: int, patch_size: int) -> list[int]:
@@ -103,9 +124,23 @@ def grid_offsets(length: int, patch_size: int) -> list[int]:
     return starts
 
 
+def owned_extent(starts: list[int], start: int, length: int, patch_size: int) -> int:
+    """How many leading pixels of the grid window at ``start`` it owns: up to the next window's start, so the
+    pixels where an edge-aligned window overlaps its neighbour are scored once (by the later window)."""
+    index = starts.index(start)
+    end = starts[index + 1] if index + 1 < len(starts) else length
+    return min(end - start, patch_size)
+
+
 def natural_key(text: str) -> list[Any]:
     """Sort key treating digit runs as numbers, so time keys t2 < t10 and 2018 < 2019."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def time_number(time: str) -> int | None:
+    """The last digit run of a time key (2019 for ``2019``, 3 for ``t3``), or None when it has none."""
+    digits = re.findall(r"\d+", time)
+    return int(digits[-1]) if digits else None
 
 
 def window_invalid_counts(invalid: np.ndarray, patch_size: int) -> np.ndarray:
@@ -144,29 +179,165 @@ def _open_error(path: Path, exc: Exception) -> S2DataError:
     return S2DataError(f"{path}: cannot read the file ({exc})")
 
 
+def _pack_mask(mask: np.ndarray) -> str | None:
+    """A bool mask as compressed text for the manifest; None when no pixel is set (the common case)."""
+    if not mask.any():
+        return None
+    return base64.b64encode(zlib.compress(np.packbits(mask).tobytes(), 6)).decode("ascii")
+
+
+def _unpack_mask(text: str | None, height: int, width: int) -> np.ndarray:
+    if text is None:
+        return np.zeros((height, width), dtype=bool)
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    return np.unpackbits(bits, count=height * width).astype(bool).reshape(height, width)
+
+
+def scan_file(
+    path: Path, nodata: float | None, scale: float, offset: float, reflectance: bool
+) -> dict[str, Any]:
+    """Read one file completely (row blocks, float32) and summarise it: grid, invalid mask and, for RGB
+    reflectance files, the valid-pixel statistics the plausibility checks need."""
+    try:
+        with rasterio.open(path) as src:
+            record: dict[str, Any] = {
+                "bands": src.count,
+                "height": src.height,
+                "width": src.width,
+                "crs": src.crs.to_wkt() if src.crs else "",
+                "transform": list(tuple(src.transform)[:6]),
+            }
+            nodata = nodata if nodata is not None else src.nodata
+            if not reflectance:
+                nodata = None
+            invalid = np.zeros((src.height, src.width), dtype=bool)
+            valid = below = above = 0
+            total, brightest = 0.0, -np.inf
+            for row in range(0, src.height, VALIDATION_ROWS_PER_READ):
+                rows = min(VALIDATION_ROWS_PER_READ, src.height - row)
+                raw = src.read(window=Window(0, row, src.width, rows))
+                chunk_invalid = _pixel_invalid(raw, nodata)
+                invalid[row : row + rows] = chunk_invalid
+                if not reflectance:
+                    continue
+                values = (raw[:, ~chunk_invalid].astype(np.float32) + np.float32(offset)) * np.float32(scale)
+                below += int((values < 0).any(axis=0).sum())
+                above += int((values > 1).any(axis=0).sum())
+                valid += values.shape[1]
+                if values.size:
+                    total += float(values.sum(dtype=np.float64))
+                    brightest = max(brightest, float(values.max()))
+    except RasterioError as exc:
+        raise _open_error(path, exc) from exc
+    record.update(invalid=_pack_mask(invalid), nodata=nodata)
+    if reflectance:
+        channels = max(record["bands"], 1)
+        mean = total / (valid * channels) if valid else 0.0
+        record.update(valid=valid, below=below, above=above, mean=mean, brightest=brightest)
+    return record
+
+
+class ValidationManifest:
+    """What validation found per file, keyed by path and invalidated by a change of size, modification time or
+    the settings the statistics depend on. Saved atomically (temporary file + rename) as JSON."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, Any] = {}
+        self.changed = False
+        try:
+            content = json.loads(path.read_text())
+            if content.get("version") == MANIFEST_VERSION:
+                self.entries = content["files"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            self.entries = {}
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def get(self, path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+        entry = self.entries.get(str(path))
+        try:
+            stamp = self._stamp(path)
+        except OSError:
+            return None
+        if entry and entry["stamp"] == stamp and entry["settings"] == settings:
+            return entry["record"]
+        return None
+
+    def put(self, path: Path, settings: dict[str, Any], record: dict[str, Any]) -> None:
+        self.entries[str(path)] = {"stamp": self._stamp(path), "settings": settings, "record": record}
+        self.changed = True
+
+    def save(self) -> None:
+        """Write the manifest if anything changed; a folder that cannot be written only costs a warning."""
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(
+                dir=self.path.parent, prefix=self.path.name, suffix=".partial"
+            )
+            with os.fdopen(handle, "w") as file:
+                json.dump({"version": MANIFEST_VERSION, "files": self.entries}, file)
+            os.replace(temporary, self.path)
+            self.changed = False
+        except OSError as exc:
+            warnings.warn(
+                f"cannot write the validation manifest {self.path} ({exc}); every setup will re-read the files "
+                "(set the DataModule's cache_dir to a writable folder)",
+                stacklevel=2,
+            )
+
+
+def open_file_limit(requested: int) -> int:
+    """Handles one process may keep open: ``requested``, capped below the (raised if possible) descriptor limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = requested + RESERVED_FILE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < wanted and (hard == resource.RLIM_INFINITY or hard > soft):
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, soft - RESERVED_FILE_DESCRIPTORS))
+
+
 class PixelReader:
-    """Reads windows of validated files: scales reflectance, clips saturation, masks nodata/NaN to 0.
+    """Reads windows of validated files: applies offset and scale, clips to [0, 1], masks nodata/NaN to 0.
 
     Opening a GeoTIFF costs far more than reading a small window, so each process keeps its most recently
-    used handles open (GDAL handles are never shared across processes: a forked worker starts afresh).
+    used handles open, as many as the training files where the descriptor limit allows (GDAL handles are never
+    shared across processes: a forked worker starts afresh).
     """
 
-    def __init__(self, reflectance_scale: float, max_open_files: int = MAX_OPEN_FILES):
+    def __init__(
+        self, reflectance_scale: float, reflectance_offset: float = 0.0, max_open_files: int = MAX_OPEN_FILES
+    ):
         self.reflectance_scale = reflectance_scale
+        self.reflectance_offset = reflectance_offset
         self.max_open_files = max_open_files
+        self._limit: int | None = None
         self._handles: OrderedDict[Path, Any] = OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": OrderedDict()}
+        return {**self.__dict__, "_handles": OrderedDict(), "_limit": None}
 
     def _read(self, path: Path, window: Window) -> np.ndarray:
         if self._pid != os.getpid():
-            self._handles, self._pid = OrderedDict(), os.getpid()
+            self._handles, self._pid, self._limit = OrderedDict(), os.getpid(), None
+        if self._limit is None:
+            self._limit = open_file_limit(self.max_open_files)
         handle = self._handles.pop(path, None)
         if handle is None:
             handle = rasterio.open(path)
-            if len(self._handles) >= self.max_open_files:
+            while len(self._handles) >= self._limit:
                 self._handles.popitem(last=False)[1].close()
         self._handles[path] = handle
         return handle.read(window=window)
@@ -177,44 +348,87 @@ class PixelReader:
         """Return the (3, size, size) reflectance in [0, 1] and the (size, size) validity mask."""
         raw = self._read(path, Window(col, row, size, size))
         invalid = _pixel_invalid(raw, nodata)
-        scaled = np.clip(raw.astype(np.float32) * np.float32(self.reflectance_scale), 0.0, 1.0)
+        scaled = raw.astype(np.float32)
+        if self.reflectance_offset:
+            scaled += np.float32(self.reflectance_offset)
+        scaled *= np.float32(self.reflectance_scale)
+        np.clip(scaled, 0.0, 1.0, out=scaled)
         scaled[:, invalid] = 0.0
         return torch.from_numpy(scaled), torch.from_numpy(~invalid)
 
     def read_embedding(self, path: Path, row: int, col: int, size: int) -> tuple[Tensor, Tensor]:
         """Return the (64, size, size) embedding and its validity mask (NaN/Inf pixels are zeroed and invalid)."""
-        raw = self._read(path, Window(col, row, size, size)).astype(np.float32)
-        invalid = ~np.isfinite(raw).all(axis=0)
+        raw = self._read(path, Window(col, row, size, size)).astype(np.float32, copy=False)
+        finite = np.isfinite(raw)
+        if finite.all():  # the common case: no per-pixel reduction over 64 bands
+            return torch.from_numpy(raw), torch.ones(size, size, dtype=torch.bool)
+        invalid = ~finite.all(axis=0)
         raw[:, invalid] = 0.0
         return torch.from_numpy(raw), torch.from_numpy(~invalid)
 
 
 def _window_meta(region: RegionSeries, row: int, col: int, size: int) -> dict[str, Any]:
-    affine = window_transform(Window(col, row, size, size), region.transform)
-    return {"region": region.name, "crs": region.crs_wkt, "transform": tuple(affine)[:6]}
+    """Region, CRS and the window's affine transform."""
+    return {"region": region.name, "crs": region.crs_wkt, "transform": _shift(region.transform, row, col)}
+
+
+def _shift(transform: Affine, row: int, col: int) -> tuple[float, ...]:
+    """The 6 affine coefficients of a window starting at (row, col) (plain arithmetic, no deprecated path)."""
+    a, b, c, d, e, f = tuple(transform)[:6]
+    return (a, b, c + a * col + b * row, d, e, f + d * col + e * row)
+
+
+def _owned(region: RegionSeries, row: int, col: int, size: int) -> Tensor:
+    """``(size, size)`` True on the pixels the grid window at (row, col) owns (see ``owned_extent``)."""
+    rows = owned_extent(region.row_starts, row, region.height, size)
+    cols = owned_extent(region.col_starts, col, region.width, size)
+    owned = torch.zeros(size, size, dtype=torch.bool)
+    owned[:rows, :cols] = True
+    return owned
 
 
 class S2ForecastDataset(NonGeoDataset):
     """Forecasting samples (history -> t+1) over validated pairs; random crops or the fixed window grid.
 
     With ``random_crop`` each pair contributes as many samples per epoch as it has usable grid windows, and
-    each sample is a crop drawn with ``torch.randint`` among offsets under the invalid-pixel threshold, so
-    seeding torch (seed_everything + Lightning's worker seeding) makes crops reproducible.
+    each sample is a crop among offsets under the invalid-pixel threshold drawn from a generator seeded by
+    ``(seed, epoch, index)``: a sample's crop depends neither on the worker that loads it nor on restarts.
+    A key is an index (the epoch is the one last given to ``set_epoch``) or an ``(epoch, index)`` pair
+    (``takes_epoch_keys``), which survives persistent workers. Grid samples carry ``owned``, the pixels this
+    window is scored on, so overlapping edge-aligned windows count each pixel once.
     """
 
+    takes_epoch_keys = True
+
     def __init__(
-        self, pairs: Sequence[ForecastPair], patch_size: int, reader: PixelReader, random_crop: bool
+        self,
+        pairs: Sequence[ForecastPair],
+        patch_size: int,
+        reader: PixelReader,
+        random_crop: bool,
+        seed: int = 0,
     ):
         self.pairs = list(pairs)
         self.patch_size = patch_size
         self.reader = reader
         self.random_crop = random_crop
+        self.seed = seed
+        self.epoch = 0
+        self.has_embeddings = any(p.region.embedding_paths[p.target] is not None for p in self.pairs)
         self._ends = np.cumsum([len(pair.grid) for pair in self.pairs]).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose crops integer keys draw (keys ``(epoch, index)`` carry their own)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
 
-    def _locate(self, index: int) -> tuple[ForecastPair, int, int]:
+    def sample_generator(self, epoch: int, index: int) -> np.random.Generator:
+        """The only source of randomness of sample ``index`` in ``epoch``."""
+        return np.random.default_rng([self.seed % 2**63, epoch, index])
+
+    def _locate(self, index: int, epoch: int) -> tuple[ForecastPair, int, int]:
         pair_index = bisect.bisect_right(self._ends, index)
         pair = self.pairs[pair_index]
         if not self.random_crop:
@@ -223,17 +437,23 @@ class S2ForecastDataset(NonGeoDataset):
             return pair, row, col
         span_rows = pair.region.height - self.patch_size + 1
         span_cols = pair.region.width - self.patch_size + 1
+        generator = self.sample_generator(epoch, index)
         if pair.allowed_offsets is None:
-            flat = int(torch.randint(span_rows * span_cols, ()).item())
-        else:
-            allowed = np.unpackbits(pair.allowed_offsets, count=span_rows * span_cols).astype(bool)
-            flat = int(np.flatnonzero(allowed)[int(torch.randint(pair.allowed_count, ()).item())])
+            flat = int(generator.integers(span_rows * span_cols))
+            return pair, flat // span_cols, flat % span_cols
+        bits = pair.allowed_offsets
+        for flat in generator.integers(span_rows * span_cols, size=CROP_DRAWS).tolist():
+            if (bits[flat >> 3] >> (7 - (flat & 7))) & 1:
+                return pair, flat // span_cols, flat % span_cols
+        allowed = np.unpackbits(bits, count=span_rows * span_cols).astype(bool)
+        flat = int(np.flatnonzero(allowed)[int(generator.integers(pair.allowed_count))])
         return pair, flat // span_cols, flat % span_cols
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        pair, row, col = self._locate(index)
+        pair, row, col = self._locate(index, epoch)
         region, size = pair.region, self.patch_size
         frames, valid = [], torch.ones(size, size, dtype=torch.bool)
         for frame in pair.frames:
@@ -246,17 +466,18 @@ class S2ForecastDataset(NonGeoDataset):
             region.rgb_paths[pair.target], region.rgb_nodata[pair.target], row, col, size
         )
         valid &= target_valid
+        sample: dict[str, Any] = {"image": torch.stack(frames), "target": target}
         embedding_path = region.embedding_paths[pair.target]
-        if embedding_path is None:
-            embedding = torch.zeros(EMBEDDING_BANDS, size, size)
-        else:
-            embedding, embedding_valid = self.reader.read_embedding(embedding_path, row, col, size)
+        if embedding_path is not None:
+            sample["embedding"], embedding_valid = self.reader.read_embedding(embedding_path, row, col, size)
             valid &= embedding_valid
+        owned = (
+            torch.ones(size, size, dtype=torch.bool) if self.random_crop else _owned(region, row, col, size)
+        )
         return {
-            "image": torch.stack(frames),
-            "target": target,
+            **sample,
             "mask": valid,
-            "embedding": embedding,
+            "owned": owned,
             "has_embedding": torch.tensor(embedding_path is not None),
             "time": region.times[pair.frames[-1]],
             "target_time": region.times[pair.target],
@@ -269,7 +490,7 @@ class S2ForecastDataset(NonGeoDataset):
 
 
 class S2SequenceDataset(NonGeoDataset):
-    """Whole time series of grid windows, for autoregressive rollouts; ``mask`` is per frame."""
+    """Runs of consecutive time steps of grid windows, for autoregressive rollouts; ``mask`` is per frame."""
 
     def __init__(self, windows: Sequence[SequenceWindow], patch_size: int, reader: PixelReader):
         self.windows = list(windows)
@@ -283,13 +504,14 @@ class S2SequenceDataset(NonGeoDataset):
         window = self.windows[index]
         region, size = window.region, self.patch_size
         reads = [
-            self.reader.read_rgb(path, nodata, window.row, window.col, size)
-            for path, nodata in zip(region.rgb_paths, region.rgb_nodata, strict=True)
+            self.reader.read_rgb(region.rgb_paths[i], region.rgb_nodata[i], window.row, window.col, size)
+            for i in window.frames
         ]
         return {
             "images": torch.stack([pixels for pixels, _ in reads]),
             "mask": torch.stack([valid for _, valid in reads]),
-            "times": list(region.times),
+            "owned": _owned(region, window.row, window.col, size),
+            "times": [region.times[i] for i in window.frames],
             **_window_meta(region, window.row, window.col, size),
         }
 
@@ -298,7 +520,15 @@ class S2SequenceDataset(NonGeoDataset):
 
 
 def collate_s2(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep region/time/crs/transform (and sequence ``times``) as plain per-sample lists."""
+    """Stack tensors; keep region/time/crs/transform (and sequence ``times``) as plain per-sample lists.
+
+    ``embedding`` is only in the batch when a sample of it has one; then samples without one get zeros
+    (``has_embedding`` False), so a dataset without embedding files never builds the 64-band placeholder.
+    """
+    with_embedding = [s for s in samples if "embedding" in s]
+    if with_embedding and len(with_embedding) < len(samples):
+        zeros = torch.zeros_like(with_embedding[0]["embedding"])
+        samples = [s if "embedding" in s else {**s, "embedding": zeros} for s in samples]
     batch = default_collate([{k: v for k, v in s.items() if k not in LIST_KEYS} for s in samples])
     for key in LIST_KEYS:
         if key in samples[0]:
@@ -306,26 +536,54 @@ def collate_s2(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class EpochDataLoader(DataLoader):
+    """A DataLoader that gives its dataset the trainer's epoch (``set_epoch``) whenever an epoch's iteration
+    starts, so integer keys draw that epoch's crops (workers are not persistent, so they see the new epoch)."""
+
+    def __init__(self, *args: Any, epoch: Callable[[], int], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        self.dataset.set_epoch(self.epoch())
+        return super().__iter__()
+
+
 class S2ForecastDataModule(NonGeoDataModule):
     """Sentinel-2 forecasting DataModule (see ``docs/DESIGN.md``, forecasting batch).
 
-    Splits regions (seeded) into train/val(/test). With ``test_fraction=0`` the test split is the validation
-    regions, as the paper evaluates on its 20% hold-out. ``holdout_last_step`` instead uses the last pair of
-    every region (target = last time key) as the test set and removes it from train/val. ``sequence`` makes
-    the test/predict datasets yield whole time series (one series per batch: lengths may differ).
+    Splits regions (seeded) into train, validation and test: the checkpoint is chosen on validation regions
+    that the reported test never sees. ``test_fraction=0`` is the paper's 80/20 split, where test is the
+    validation regions (warned). ``holdout_last_step`` instead uses the last pair of every region (target = last
+    time key) as the test set and removes it from train/val (needs ``test_fraction=0``; not with ``sequence``,
+    whose rollouts would run through training targets). Only consecutive time steps are paired (``time_step``);
+    pairs across a gap are dropped and counted. ``sequence`` makes the test/predict datasets yield runs of
+    consecutive time steps (one run per batch: lengths may differ).
+
+    Validation reads every file once and keeps what it found in a manifest (``cache_dir``, default the data
+    root), keyed by path, size and modification time; ``prepare_data`` (one process per node under DDP) fills
+    it, so ``setup`` on every rank and every later run reads no pixels of unchanged files.
 
     Args:
         root: dataset folder holding one sub-folder per region.
         reflectance_scale: factor from stored values to reflectance in [0, 1] (1e-4 for S2 L2A digital numbers,
             1.0 for stored reflectance); checked on every file at setup.
+        reflectance_offset: added to stored values before scaling (-1000 for L2A of processing baseline 04.00
+            and later, whose digital numbers carry +1000); negative results clip to 0.
         patch_size: window size in pixels.
         history: number of input frames k (>= 1).
         rgb_pattern, embedding_pattern: file-name templates inside a region folder, with ``{region}`` and
             ``{time}``; ``embedding_pattern=None`` disables embeddings.
         time_regex: regex a time key must match (``\\d{4}`` for years); keys sort naturally (t2 < t10).
+        time_step: difference of the numbers in consecutive time keys (1 for years: 2018 -> 2019); pairs
+            across a larger gap are dropped and counted. None turns the check off (keys without numbers).
         nodata: raw value marking missing pixels; None uses each file's own nodata tag. NaN is always invalid.
         max_invalid_fraction: windows with a larger fraction of invalid pixels are skipped (and counted).
-        max_saturated_fraction: fraction of valid pixels allowed outside [0, 1] after scaling (clipped).
+        max_saturated_fraction: fraction of a file's valid pixels allowed outside [0, 1] after scaling (bright
+            clouds, snow: clipped and counted); more stops setup. A file whose mean exceeds 1 is mis-scaled.
+        val_fraction, test_fraction: fractions of regions for validation and test (seeded by ``seed``).
+        cache_dir: folder of the validation manifest (default: the data root; a read-only root only warns).
+        max_open_files: GeoTIFF handles each loading process keeps open (capped by the descriptor limit).
     """
 
     def __init__(
@@ -333,6 +591,7 @@ class S2ForecastDataModule(NonGeoDataModule):
         root: str,
         *,
         reflectance_scale: float,
+        reflectance_offset: float = 0.0,
         patch_size: int = 128,
         history: int = 1,
         batch_size: int = 8,
@@ -340,14 +599,17 @@ class S2ForecastDataModule(NonGeoDataModule):
         rgb_pattern: str = "s2_rgb_{region}_{time}_10km.tif",
         embedding_pattern: str | None = "embedding_{region}_{time}_10km.tif",
         time_regex: str = r"\d{4}",
+        time_step: int | None = 1,
         nodata: float | None = None,
         max_invalid_fraction: float = 0.1,
-        max_saturated_fraction: float = 0.01,
+        max_saturated_fraction: float = 0.2,
         val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
+        test_fraction: float = 0.2,
         holdout_last_step: bool = False,
         seed: int = 0,
         sequence: bool = False,
+        cache_dir: str | None = None,
+        max_open_files: int = MAX_OPEN_FILES,
     ) -> None:
         super().__init__(S2ForecastDataset, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
@@ -355,6 +617,7 @@ class S2ForecastDataModule(NonGeoDataModule):
             "reflectance_scale": (reflectance_scale, reflectance_scale > 0),
             "patch_size": (patch_size, patch_size >= 1),
             "history": (history, history >= 1),
+            "time_step": (time_step, time_step is None or time_step >= 1),
             "max_invalid_fraction": (max_invalid_fraction, 0.0 <= max_invalid_fraction <= 1.0),
             "max_saturated_fraction": (max_saturated_fraction, 0.0 <= max_saturated_fraction <= 1.0),
             "val_fraction": (val_fraction, 0.0 < val_fraction < 1.0),
@@ -362,13 +625,20 @@ class S2ForecastDataModule(NonGeoDataModule):
                 test_fraction,
                 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0,
             ),
+            "max_open_files": (max_open_files, max_open_files >= 1),
         }
         for key, (value, ok) in checks.items():
             if not ok:
                 raise S2DataError(f"config key {key} has an invalid value: {value!r}")
         if holdout_last_step and test_fraction > 0:
             raise S2DataError(
-                "holdout_last_step and test_fraction > 0 both define the test set; set one of them"
+                "holdout_last_step and test_fraction > 0 both define the test set; with holdout_last_step: true "
+                "set test_fraction: 0"
+            )
+        if holdout_last_step and sequence:
+            raise S2DataError(
+                "holdout_last_step and sequence cannot be combined: rollouts run over every time step, so their "
+                "early steps would be training targets; use a region test split (test_fraction > 0) for rollouts"
             )
         for key, pattern in (("rgb_pattern", rgb_pattern), ("embedding_pattern", embedding_pattern)):
             if pattern is not None and "{time}" not in pattern:
@@ -383,6 +653,7 @@ class S2ForecastDataModule(NonGeoDataModule):
         self.rgb_pattern = rgb_pattern
         self.embedding_pattern = embedding_pattern
         self.time_regex = time_regex
+        self.time_step = time_step
         self.nodata = nodata
         self.max_invalid_fraction = max_invalid_fraction
         self.max_saturated_fraction = max_saturated_fraction
@@ -391,7 +662,8 @@ class S2ForecastDataModule(NonGeoDataModule):
         self.holdout_last_step = holdout_last_step
         self.seed = seed
         self.sequence = sequence
-        self.reader = PixelReader(reflectance_scale)
+        self.manifest_path = (Path(cache_dir) if cache_dir else self.root) / MANIFEST_NAME
+        self.reader = PixelReader(reflectance_scale, reflectance_offset, max_open_files)
         self.collate_fn = collate_s2
         if sequence:
             self.test_batch_size = 1
@@ -400,6 +672,8 @@ class S2ForecastDataModule(NonGeoDataModule):
         self._sequence_windows: list[SequenceWindow] = []
         self._summary: dict[str, SplitSummary] = {}
         self._excluded: list[str] = []
+        self._clipped: dict[str, float] = {}
+        self._gaps: list[str] = []
 
     # ---- discovery and validation -------------------------------------------------------------------------
 
@@ -425,6 +699,13 @@ class S2ForecastDataModule(NonGeoDataModule):
                     stacklevel=2,
                 )
                 continue
+            if self.time_step is not None:
+                for time in times:
+                    if time_number(time) is None:
+                        raise S2DataError(
+                            f"{found[time]}: time key {time!r} has no number to check consecutive steps "
+                            "(config key time_step); set time_step: null to pair keys in sorted order"
+                        )
             embeddings = [self._embedding_path(folder, time) for time in times]
             regions.append(
                 RegionSeries(folder.name, times, [found[t] for t in times], embeddings, [None] * len(times))
@@ -439,96 +720,154 @@ class S2ForecastDataModule(NonGeoDataModule):
         path = folder / self.embedding_pattern.format(region=folder.name, time=time)
         return path if path.exists() else None
 
-    def _check_grid(self, region: RegionSeries, path: Path, src: Any, bands: int) -> None:
-        if src.count != bands:
-            raise S2DataError(f"{path}: has {src.count} bands, expected {bands}")
-        if not region.crs_wkt:
-            if src.height < self.patch_size or src.width < self.patch_size:
-                raise S2DataError(
-                    f"{path}: image of {src.height}x{src.width} px is smaller than patch_size={self.patch_size}"
+    def _rgb_settings(self) -> dict[str, Any]:
+        reader = self.reader
+        return {
+            "kind": "rgb",
+            "scale": reader.reflectance_scale,
+            "offset": reader.reflectance_offset,
+            "nodata": self.nodata,
+        }
+
+    def _files(self, regions: list[RegionSeries]) -> list[tuple[Path, bool]]:
+        """Every file of the regions as (path, is RGB)."""
+        files = []
+        for region in regions:
+            files += [(path, True) for path in region.rgb_paths]
+            files += [(path, False) for path in region.embedding_paths if path is not None]
+        return files
+
+    def _records(self, regions: list[RegionSeries]) -> dict[Path, dict[str, Any]]:
+        """Validation records of every file: from the manifest when unchanged, else read now (with progress)."""
+        manifest = ValidationManifest(self.manifest_path)
+        rgb_settings, embedding_settings = self._rgb_settings(), {"kind": "embedding"}
+        records, missing = {}, []
+        for path, is_rgb in self._files(regions):
+            record = manifest.get(path, rgb_settings if is_rgb else embedding_settings)
+            if record is None:
+                missing.append((path, is_rgb))
+            else:
+                records[path] = record
+        if missing:
+            reader = self.reader
+            # One bar, on the first process only (None: shown on a terminal, hidden in logs).
+            hidden = True if rank_zero_only.rank else None
+            progress = tqdm(
+                missing, desc=f"validating S2 files under {self.root}", unit="file", disable=hidden
+            )
+            for path, is_rgb in progress:
+                record = scan_file(
+                    path, self.nodata, reader.reflectance_scale, reader.reflectance_offset, is_rgb
                 )
-            region.height, region.width = src.height, src.width
-            region.crs_wkt, region.transform = (src.crs.to_wkt() if src.crs else ""), src.transform
-            if not region.crs_wkt:
+                records[path] = record
+                manifest.put(path, rgb_settings if is_rgb else embedding_settings, record)
+            manifest.save()
+        return records
+
+    def _check_grid(self, region: RegionSeries, path: Path, record: dict[str, Any], bands: int) -> None:
+        if record["bands"] != bands:
+            raise S2DataError(f"{path}: has {record['bands']} bands, expected {bands}")
+        height, width, crs = record["height"], record["width"], record["crs"]
+        transform = Affine(*record["transform"])
+        if not region.crs_wkt:
+            if height < self.patch_size or width < self.patch_size:
+                raise S2DataError(
+                    f"{path}: image of {height}x{width} px is smaller than patch_size={self.patch_size}"
+                )
+            if not crs:
                 raise S2DataError(f"{path}: has no CRS")
+            region.height, region.width, region.crs_wkt, region.transform = height, width, crs, transform
+            region.row_starts = grid_offsets(height, self.patch_size)
+            region.col_starts = grid_offsets(width, self.patch_size)
             return
         reference = region.rgb_paths[0]
-        if (src.height, src.width) != (region.height, region.width):
+        if (height, width) != (region.height, region.width):
             raise S2DataError(
-                f"{path}: size {src.height}x{src.width} differs from {region.height}x{region.width} of {reference}"
+                f"{path}: size {height}x{width} differs from {region.height}x{region.width} of {reference}"
             )
-        if src.crs is None or src.crs.to_wkt() != region.crs_wkt:
+        if crs != region.crs_wkt:
             raise S2DataError(f"{path}: CRS differs from that of {reference}")
-        if not src.transform.almost_equals(region.transform):
-            raise S2DataError(
-                f"{path}: transform {tuple(src.transform)[:6]} differs from that of {reference}"
-            )
+        if not transform.almost_equals(region.transform):
+            raise S2DataError(f"{path}: transform {tuple(transform)[:6]} differs from that of {reference}")
 
-    def _validate_rgb(self, region: RegionSeries, index: int) -> np.ndarray:
-        """Check one RGB file completely and return its invalid-pixel mask."""
-        path = region.rgb_paths[index]
-        scale = self.reader.reflectance_scale
-        try:
-            with rasterio.open(path) as src:
-                self._check_grid(region, path, src, RGB_BANDS)
-                nodata = self.nodata if self.nodata is not None else src.nodata
-                region.rgb_nodata[index] = nodata
-                invalid = np.zeros((src.height, src.width), dtype=bool)
-                outside = valid_count = 0
-                brightest = -np.inf
-                for row in range(0, src.height, VALIDATION_ROWS_PER_READ):
-                    rows = min(VALIDATION_ROWS_PER_READ, src.height - row)
-                    raw = src.read(window=Window(0, row, src.width, rows))
-                    chunk_invalid = _pixel_invalid(raw, nodata)
-                    invalid[row : row + rows] = chunk_invalid
-                    values = raw[:, ~chunk_invalid].astype(np.float64) * scale
-                    outside += int(((values < 0) | (values > 1)).any(axis=0).sum())
-                    valid_count += values.shape[1]
-                    if values.size:
-                        brightest = max(brightest, float(values.max()))
-        except RasterioError as exc:
-            raise _open_error(path, exc) from exc
-        if valid_count and outside / valid_count > self.max_saturated_fraction:
+    def _check_reflectance(self, path: Path, record: dict[str, Any]) -> None:
+        """Stop on a mis-scaled file; a few bright (or, after the offset, negative) pixels are clipped and counted."""
+        reader, valid = self.reader, record["valid"]
+        if not valid:
+            return
+        keys = f"reflectance_scale={reader.reflectance_scale}, reflectance_offset={reader.reflectance_offset}"
+        if record["mean"] > MAX_PLAUSIBLE_MEAN_REFLECTANCE:
             raise S2DataError(
-                f"{path}: {outside / valid_count:.1%} of valid pixels fall outside [0, 1] with "
-                f"reflectance_scale={scale} (allowed max_saturated_fraction={self.max_saturated_fraction}); "
-                "check reflectance_scale"
+                f"{path}: mean reflectance of valid pixels is {record['mean']:.3g} with {keys}; the file is "
+                "mis-scaled (check reflectance_scale and reflectance_offset)"
             )
-        if valid_count and brightest < MIN_PLAUSIBLE_MAX_REFLECTANCE:
+        outside = (record["below"] + record["above"]) / valid
+        if outside > self.max_saturated_fraction:
             raise S2DataError(
-                f"{path}: brightest valid pixel is {brightest:.2e} with reflectance_scale={scale}; "
-                "the image is blank or reflectance_scale is too small (check reflectance_scale and nodata)"
+                f"{path}: {outside:.1%} of valid pixels fall outside [0, 1] with {keys} (allowed "
+                f"max_saturated_fraction={self.max_saturated_fraction}); check reflectance_scale"
             )
-        return invalid
+        if record["brightest"] < MIN_PLAUSIBLE_MAX_REFLECTANCE:
+            raise S2DataError(
+                f"{path}: brightest valid pixel is {record['brightest']:.2e} with {keys}; the image is blank or "
+                "reflectance_scale is too small (check reflectance_scale and nodata)"
+            )
+        if outside:
+            self._clipped[str(path)] = outside
 
-    def _validate_embedding(self, region: RegionSeries, path: Path) -> np.ndarray:
-        """Check one embedding file completely and return its invalid (NaN) mask."""
-        try:
-            with rasterio.open(path) as src:
-                self._check_grid(region, path, src, EMBEDDING_BANDS)
-                invalid = np.zeros((src.height, src.width), dtype=bool)
-                for row in range(0, src.height, VALIDATION_ROWS_PER_READ):
-                    rows = min(VALIDATION_ROWS_PER_READ, src.height - row)
-                    raw = src.read(window=Window(0, row, src.width, rows))
-                    invalid[row : row + rows] = _pixel_invalid(raw, None)
-        except RasterioError as exc:
-            raise _open_error(path, exc) from exc
-        return invalid
+    def _validate_region(
+        self, region: RegionSeries, records: dict[Path, dict[str, Any]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """Check a region's files from their records; return per-frame RGB and embedding invalid masks."""
+        frame_invalid = []
+        for index, path in enumerate(region.rgb_paths):
+            record = records[path]
+            self._check_grid(region, path, record, RGB_BANDS)
+            self._check_reflectance(path, record)
+            region.rgb_nodata[index] = record["nodata"]
+            frame_invalid.append(_unpack_mask(record["invalid"], region.height, region.width))
+        embedding_invalid: list[np.ndarray | None] = []
+        for path in region.embedding_paths:
+            if path is None:
+                embedding_invalid.append(None)
+                continue
+            record = records[path]
+            self._check_grid(region, path, record, EMBEDDING_BANDS)
+            embedding_invalid.append(_unpack_mask(record["invalid"], region.height, region.width))
+        return frame_invalid, embedding_invalid
+
+    def _consecutive(self, region: RegionSeries, first: int, last: int) -> bool:
+        """True when the time keys ``first..last`` of the region follow each other at ``time_step``."""
+        if self.time_step is None:
+            return True
+        numbers = [time_number(region.times[i]) for i in range(first, last + 1)]
+        return all(b - a == self.time_step for a, b in zip(numbers, numbers[1:], strict=False))
 
     def _region_pairs(
-        self, region: RegionSeries, want_crops: bool
-    ) -> tuple[list[ForecastPair], list[np.ndarray]]:
-        """Validate a region's files; return its pairs (oldest target first) and per-frame invalid masks."""
-        frame_invalid = [self._validate_rgb(region, i) for i in range(len(region.times))]
-        rows, cols = grid_offsets(region.height, self.patch_size), grid_offsets(region.width, self.patch_size)
+        self,
+        region: RegionSeries,
+        frame_invalid: list[np.ndarray],
+        embedding_invalid: list[np.ndarray | None],
+        want_crops: bool,
+    ) -> tuple[list[ForecastPair], int]:
+        """A region's pairs of consecutive steps (oldest target first) and how many pairs a gap dropped."""
+        rows, cols = region.row_starts, region.col_starts
         limit = self.max_invalid_fraction * self.patch_size**2
-        pairs = []
+        pairs, gaps = [], 0
         for target in range(self.history, len(region.times)):
             frames = list(range(target - self.history, target))
-            invalid = np.logical_or.reduce([frame_invalid[i] for i in [*frames, target]])
-            embedding_path = region.embedding_paths[target]
-            if embedding_path is not None:
-                invalid |= self._validate_embedding(region, embedding_path)
+            if not self._consecutive(region, frames[0], target):
+                gaps += 1
+                self._gaps.append(f"{region.name}: {region.times[frames[0]]}..{region.times[target]}")
+                continue
+            masks = [frame_invalid[i] for i in [*frames, target]]
+            if embedding_invalid[target] is not None:
+                masks.append(embedding_invalid[target])
+            invalid = np.logical_or.reduce(masks)
+            if not invalid.any():
+                grid = [(r, c) for r in rows for c in cols]
+                pairs.append(ForecastPair(region, frames, target, grid, 0))
+                continue
             counts = window_invalid_counts(invalid, self.patch_size)
             grid = [(r, c) for r in rows for c in cols if counts[r, c] <= limit]
             pair = ForecastPair(region, frames, target, grid, len(rows) * len(cols) - len(grid))
@@ -537,58 +876,71 @@ class S2ForecastDataModule(NonGeoDataModule):
                 pair.allowed_offsets = np.packbits(allowed.ravel())
                 pair.allowed_count = int(allowed.sum())
             pairs.append(pair)
-        for path in region.embedding_paths[: self.history]:
-            if path is not None:
-                self._validate_embedding(region, path)
-        return pairs, frame_invalid
+        return pairs, gaps
 
     def _sequence_grid(
         self, region: RegionSeries, frame_invalid: list[np.ndarray]
     ) -> tuple[list[SequenceWindow], int]:
-        """Grid windows where no frame exceeds the invalid threshold, and the number skipped."""
+        """Grid windows of each run of consecutive steps (long enough for a rollout) where no frame exceeds the
+        invalid threshold, and the number skipped."""
+        runs, start = [], 0
+        for index in range(1, len(region.times) + 1):
+            if index == len(region.times) or not self._consecutive(region, index - 1, index):
+                if index - start >= self.history + 1:
+                    runs.append(list(range(start, index)))
+                start = index
         limit = self.max_invalid_fraction * self.patch_size**2
         counts = [window_invalid_counts(mask, self.patch_size) for mask in frame_invalid]
-        rows, cols = grid_offsets(region.height, self.patch_size), grid_offsets(region.width, self.patch_size)
-        windows = [
-            SequenceWindow(region, r, c)
-            for r in rows
-            for c in cols
-            if all(count[r, c] <= limit for count in counts)
-        ]
-        return windows, len(rows) * len(cols) - len(windows)
+        windows, skipped = [], 0
+        for run in runs:
+            for r in region.row_starts:
+                for c in region.col_starts:
+                    if all(counts[i][r, c] <= limit for i in run):
+                        windows.append(SequenceWindow(region, r, c, run))
+                    else:
+                        skipped += 1
+        return windows, skipped
 
     def _assign_regions(self, names: list[str]) -> dict[str, list[str]]:
-        """Seeded region split: test (if test_fraction > 0), then val, then the rest for train."""
+        """Seeded region split: val, then test (if test_fraction > 0), then the rest for train."""
         order = torch.randperm(len(names), generator=torch.Generator().manual_seed(self.seed)).tolist()
         shuffled = [names[i] for i in order]
-        n_test = max(1, round(self.test_fraction * len(names))) if self.test_fraction > 0 else 0
         n_val = max(1, round(self.val_fraction * len(names)))
-        test, val = shuffled[:n_test], shuffled[n_test : n_test + n_val]
-        train = shuffled[n_test + n_val :]
+        n_test = max(1, round(self.test_fraction * len(names))) if self.test_fraction > 0 else 0
+        val, test = shuffled[:n_val], shuffled[n_val : n_val + n_test]
+        train = shuffled[n_val + n_test :]
         if self.holdout_last_step:
             test = list(names)
         elif self.test_fraction == 0:
             test = val
         return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
 
+    def prepare_data(self) -> None:
+        """Validate every file once into the manifest (Lightning runs this on one process per node)."""
+        self._records(self._discover())
+
     def _build(self) -> None:
-        """Discover, split and validate every file once; later ``setup`` calls reuse the result."""
+        """Discover, split and check every file; later ``setup`` calls reuse the result."""
         regions = self._discover()
+        records = self._records(regions)
         assignment = self._assign_regions([region.name for region in regions])
         split_pairs: dict[str, list[ForecastPair]] = {"train": [], "val": [], "test": []}
-        self._sequence_windows = []
+        self._sequence_windows, self._clipped, self._gaps = [], {}, []
         summary = {split: SplitSummary(regions=names) for split, names in assignment.items()}
         for region in regions:
+            frame_invalid, embedding_invalid = self._validate_region(region, records)
             in_train = region.name in assignment["train"]
-            pairs, frame_invalid = self._region_pairs(region, want_crops=in_train)
+            pairs, gaps = self._region_pairs(region, frame_invalid, embedding_invalid, want_crops=in_train)
             for split, names in assignment.items():
                 if region.name not in names:
                     continue
                 chosen = pairs
                 if self.holdout_last_step:
-                    chosen = pairs[-1:] if split == "test" else pairs[:-1]
+                    is_last = [p.target == len(region.times) - 1 for p in pairs]
+                    chosen = [p for p, last in zip(pairs, is_last, strict=True) if last == (split == "test")]
                 split_pairs[split].extend(chosen)
                 summary[split].pairs += len(chosen)
+                summary[split].gap_pairs += gaps
                 if not (split == "test" and self.sequence):
                     summary[split].windows += sum(len(p.grid) for p in chosen)
                     summary[split].skipped_windows += sum(p.skipped_windows for p in chosen)
@@ -607,19 +959,37 @@ class S2ForecastDataModule(NonGeoDataModule):
             test_note = "its own regions"
         else:
             test_note = "the validation regions"
+            warnings.warn(
+                "test_fraction: 0 makes the test split the validation regions: the best checkpoint is chosen "
+                "on the regions that are then reported (the paper's 80/20 split); set test_fraction > 0 for a "
+                "test set apart",
+                stacklevel=2,
+            )
         lines = [f"S2 data at {self.root} (test split: {test_note}; sequence={self.sequence})"]
         for split, counts in self._summary.items():
             lines.append(
                 f"  {split}: {len(counts.regions)} regions, {counts.pairs} pairs, {counts.windows} windows, "
-                f"{counts.skipped_windows} windows skipped (invalid fraction > {self.max_invalid_fraction})"
+                f"{counts.skipped_windows} windows skipped (invalid fraction > {self.max_invalid_fraction}), "
+                f"{counts.gap_pairs} pairs dropped at gaps"
             )
         if self._excluded:
             lines.append(f"  left out (too few time steps): {', '.join(self._excluded)}")
+        if self._clipped:
+            worst = max(self._clipped.values())
+            lines.append(
+                f"  {len(self._clipped)} files with pixels outside [0, 1] clipped (at most {worst:.2%})"
+            )
         rank_zero_info("\n".join(lines))
         skipped = {split: c.skipped_windows for split, c in self._summary.items() if c.skipped_windows}
         if skipped:
             warnings.warn(
                 f"skipped windows over max_invalid_fraction={self.max_invalid_fraction}: {skipped}",
+                stacklevel=2,
+            )
+        if self._gaps:
+            warnings.warn(
+                f"{len(self._gaps)} pairs across a gap of more than time_step={self.time_step} dropped: "
+                f"{', '.join(self._gaps[:10])}{' ...' if len(self._gaps) > 10 else ''}",
                 stacklevel=2,
             )
 
@@ -628,7 +998,11 @@ class S2ForecastDataModule(NonGeoDataModule):
     def _forecast_dataset(self, split: str) -> S2ForecastDataset:
         assert self._split_pairs is not None
         dataset = S2ForecastDataset(
-            self._split_pairs[split], self.patch_size, self.reader, random_crop=split == "train"
+            self._split_pairs[split],
+            self.patch_size,
+            self.reader,
+            random_crop=split == "train",
+            seed=self.seed,
         )
         if len(dataset) == 0:
             raise S2DataError(
@@ -647,7 +1021,8 @@ class S2ForecastDataModule(NonGeoDataModule):
         return S2SequenceDataset(self._sequence_windows, self.patch_size, self.reader)
 
     def setup(self, stage: str) -> None:
-        """Validate every file (first call only) and build the datasets the stage needs."""
+        """Check every file (first call only; pixels are read only for files the manifest lacks) and build the
+        datasets the stage needs."""
         if self._split_pairs is None:
             self._build()
         if stage == "fit":
@@ -664,12 +1039,30 @@ class S2ForecastDataModule(NonGeoDataModule):
         if stage == "predict":
             self.predict_dataset = self._evaluation_dataset()
 
+    def current_epoch(self) -> int:
+        """The trainer's epoch (0 without a trainer): the epoch of integer training keys."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, last incomplete batch dropped; the dataset learns each epoch as its iteration starts."""
+        return EpochDataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            drop_last=True,
+            epoch=self.current_epoch,
+        )
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Return the batch unchanged: reflectance is already scaled, so torchgeo's default /255 must not run."""
         return batch
 
     def dataset_summary(self) -> dict[str, Any]:
-        """Per split: regions, pairs, windows and skipped windows; plus the regions left out (after setup)."""
+        """Per split: regions, pairs, windows, skipped windows and pairs dropped at gaps; plus the regions left
+        out and the files with clipped pixels (fraction of their valid pixels), after setup."""
         if self._split_pairs is None:
             raise RuntimeError("dataset_summary() needs setup() to have run")
         result: dict[str, Any] = {
@@ -678,8 +1071,10 @@ class S2ForecastDataModule(NonGeoDataModule):
                 "pairs": c.pairs,
                 "windows": c.windows,
                 "skipped_windows": c.skipped_windows,
+                "gap_pairs": c.gap_pairs,
             }
             for split, c in self._summary.items()
         }
         result["excluded_regions"] = list(self._excluded)
+        result["clipped_files"] = dict(self._clipped)
         return result

@@ -1,19 +1,28 @@
 """SatDiFuser: a frozen diffusion feature extractor, a trainable fusion and a task head (GEO-Bench tasks).
 
 The task (type, class count, class names, ignore index, dataset key) comes from the datamodule, not the model
-config: ``configure_model()`` reads it from ``trainer.datamodule`` after the datamodule is set up and then builds the
-head, the metrics and the feature cache. Lightning calls ``configure_model()`` before restoring a checkpoint, so
-``test --ckpt_path`` loads the trained fusion and head; the task is also stored in the checkpoint so
-``DiFuserModule.load_from_checkpoint`` works without a trainer. Constructor arguments for the task exist for use
-without a datamodule (and must then agree with it).
+config: either linked into the constructor arguments by the CLI, or read by ``configure_model()`` from
+``trainer.datamodule`` (after the datamodule is set up), which then builds the head, the metrics and the feature
+cache. Lightning calls ``configure_model()`` before restoring a checkpoint, so ``test --ckpt_path`` loads the trained
+fusion and head; the task is also stored in the checkpoint so ``DiFuserModule.load_from_checkpoint`` works without a
+trainer. Task values are not saved as hyperparameters (the datamodule logs its own; a copy here would clash with it
+in the logger), only in the checkpoint.
 
-The extractor is frozen and never checkpointed (``FrozenPartsCheckpointMixin``); with ``cache_dir`` its pyramid is
-computed once per sample and read from disk afterwards (``networks.difuser.FeatureCache``).
+Fusion and head are initialised from a generator seeded by the run seed, never from the global RNG at build time:
+one process and every DDP rank build the same weights wherever the strategy has moved the RNG.
+
+The extractor is frozen and never checkpointed (``FrozenPartsCheckpointMixin``); with ``cache_dir`` its output is
+computed once per sample and read from disk afterwards (``networks.difuser.FeatureCache``): the ``latents`` tier
+stores the inverted latents (each epoch runs only the hooked UNet passes), the ``pyramid`` tier the whole pyramid.
+``predict`` over every split (``data.init_args.predict_split all``) fills the cache ahead of training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,10 +35,29 @@ from torchmetrics import MetricCollection
 
 from lightning_modules.frozen import FrozenPartsCheckpointMixin
 from metrics.geobench import TaskType, task_metrics
-from networks.difuser.cache import CacheDtype, FeatureCache
+from networks.difuser.cache import CacheDtype, CacheTier, FeatureCache
 
 TASK_FIELDS = ("task_type", "num_classes", "class_names", "ignore_index", "dataset_key")
 CHECKPOINT_TASK_KEY = "difuser_task"
+
+
+def _accepts(builder: Callable, name: str) -> bool:
+    """Whether a class, function or (jsonargparse) partial of one takes keyword ``name``; jsonargparse's partials
+    hide the signature but carry every init argument in ``keywords``."""
+    if name in getattr(builder, "keywords", {}):
+        return True
+    try:
+        return name in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """A CPU RNG fork seeded with ``seed``: initialisation independent of the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def paper_adamw(params) -> torch.optim.Optimizer:
@@ -42,16 +70,19 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
 
     Args:
         extractor: the frozen pyramid extractor (``networks.difuser.DiffusionFeatureExtractor``).
-        fusion: builds the fusion as ``fusion(feature_channels, num_timesteps)``; it must expose ``out_channels``
-            and, after each forward, ``aux_loss`` (added to the training loss).
+        fusion: builds the fusion as ``fusion(feature_channels, num_timesteps)`` (plus ``block_layout=`` the
+            extractor's, when the fusion takes it); it must expose ``out_channels`` and, after each forward,
+            ``aux_loss`` (added to the training loss).
         head: builds the head as ``head(in_channels, num_classes)``, called as ``head(fused, (H, W))``.
-        num_classes, task_type, class_names, ignore_index, dataset_key: normally left unset and taken from the
-            datamodule.
+        num_classes, task_type, class_names, ignore_index, dataset_key: taken from the datamodule (CLI links or
+            ``configure_model``); set by hand only without one.
         optimizer: optimiser of the fusion and head parameters (paper: AdamW, lr 0.01).
         warmup_epochs, warmup_start_lr, min_lr: linear warmup from ``warmup_start_lr`` to the optimiser's lr, then
             cosine decay to ``min_lr`` at ``trainer.max_epochs`` (stepped per epoch).
         cache_dir: folder of the feature cache; None extracts features at every step.
-        cache_dtype: storage precision of cached features.
+        cache_dtype: storage precision of cached values.
+        cache_tier: ``latents`` (inverted latents, ~24 KB per 256 px sample) or ``pyramid`` (~21 MB).
+        init_seed: seed of the fusion and head initialisation; None uses the run seed (``seed_everything``).
     """
 
     frozen_module_names = ("extractor",)
@@ -72,11 +103,16 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         min_lr: float = 1e-5,
         cache_dir: str | None = None,
         cache_dtype: CacheDtype = "float16",
+        cache_tier: CacheTier = "latents",
+        init_seed: int | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["extractor", "fusion", "head", "optimizer"])
+        self.save_hyperparameters(ignore=["extractor", "fusion", "head", "optimizer", *TASK_FIELDS])
         self.extractor = extractor
-        self.fusion = fusion(extractor.feature_channels, extractor.num_timesteps)
+        self.init_seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if init_seed is None else init_seed
+        layout = {"block_layout": extractor.block_layout} if _accepts(fusion, "block_layout") else {}
+        with _seeded(self.init_seed):
+            self.fusion = fusion(extractor.feature_channels, extractor.num_timesteps, **layout)
         if not isinstance(getattr(self.fusion, "out_channels", None), int):
             raise TypeError(f"fusion {type(self.fusion).__name__} must expose an integer `out_channels`")
         self.build_head = head
@@ -86,6 +122,7 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         self.min_lr = min_lr
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
+        self.cache_tier = cache_tier
         self.task: dict[str, Any] = {
             "task_type": task_type,
             "num_classes": num_classes,
@@ -95,6 +132,8 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         }
         self.head: nn.Module | None = None
         self.cache: FeatureCache | None = None
+        if all(self.task[field] is not None for field in ("task_type", "num_classes")):
+            self._build_task_parts()  # linked by the CLI: built before any strategy touches the RNG
 
     # ---------------------------------------------------------------- set-up from the datamodule / checkpoint
     def _adopt_task(self, source: dict[str, Any], origin: str) -> None:
@@ -117,7 +156,8 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
                 f"DiFuserModule needs {missing}: use a datamodule exposing them (GeoBenchDataModule) or set "
                 f"model.init_args.{missing[0]}"
             )
-        self.head = self.build_head(self.fusion.out_channels, self.task["num_classes"])
+        with _seeded(self.init_seed + 1):
+            self.head = self.build_head(self.fusion.out_channels, self.task["num_classes"])
         metrics = task_metrics(
             self.task["task_type"],
             self.task["num_classes"],
@@ -135,27 +175,26 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         for ``on_load_checkpoint``, which reads the task from the checkpoint.
         """
         attached = self._trainer is not None
+        datamodule = getattr(self.trainer, "datamodule", None) if attached else None
+        if datamodule is not None:
+            self._adopt_task({field: getattr(datamodule, field, None) for field in TASK_FIELDS}, "datamodule")
         if self.head is None:
-            datamodule = getattr(self.trainer, "datamodule", None) if attached else None
-            if datamodule is not None:
-                self._adopt_task(
-                    {field: getattr(datamodule, field, None) for field in TASK_FIELDS}, "datamodule"
-                )
             if not attached and any(self.task[field] is None for field in ("task_type", "num_classes")):
                 return
             self._build_task_parts()
         if self.cache_dir is not None and self.cache is None:
+            if getattr(datamodule, "random_augmentation", False):
+                raise ValueError(
+                    "model.init_args.cache_dir is set but the datamodule applies random augmentation: cached "
+                    "features would freeze one draw; set cache_dir to null"
+                )
             if self.task["dataset_key"] is None:
                 raise ValueError(
                     "model.init_args.cache_dir is set but no dataset_key is known: use a datamodule exposing "
                     "dataset_key or set model.init_args.dataset_key"
                 )
             self.cache = FeatureCache(
-                self.cache_dir,
-                self.task["dataset_key"],
-                self.extractor.cache_identity,
-                self.extractor.feature_channels,
-                self.cache_dtype,
+                self.cache_dir, self.task["dataset_key"], self.extractor, self.cache_dtype, self.cache_tier
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -173,7 +212,7 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         """The frozen pyramid of the batch: from the cache when configured, else extracted now."""
         if self.cache is None:
             return self.extractor(batch["image"])
-        return self.cache.features(list(batch["sample"]), batch["image"], self.extractor)
+        return self.cache.features(list(batch["sample"]), batch["image"])
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         """Logits: ``(B, K)`` for (multi-label) classification, ``(B, K, H, W)`` for segmentation."""
@@ -201,6 +240,16 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         else:
             metrics.update(logits, label)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Tell step-scheduled fusions (MoE routing warm-up) how many optimizer steps were taken."""
+        set_training_step = getattr(self.fusion, "set_training_step", None)
+        if set_training_step is not None:
+            set_training_step(self.global_step)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Logits; with a feature cache, predicting over every split fills it ahead of training."""
+        return self(batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._step(batch, "train", self.train_metrics)

@@ -4,7 +4,8 @@ A subclass only says how to forecast (``forecast``) and how to train (``training
 ``configure_optimizers``); this base class does the rest identically for all models, so their numbers are
 comparable:
 
-- validation: clamped forecasts, ``val/loss`` (the checkpoint monitor, ``validation_loss``), ``val/<metric>``,
+- validation: clamped forecasts, ``val/loss`` (the checkpoint monitor, ``validation_loss``), ``val/<metric>``
+  on valid pixels only (the batch ``mask``; ``owned`` makes overlapping grid windows count each pixel once),
   and ``last_val_images`` (first validation batch) for ``callbacks.ForecastImageCallback``;
 - test on single-step batches (``image``/``target``): ``test/<metric>``;
 - test on sequence batches (``images``, DataModule ``sequence: true``): an autoregressive rollout from
@@ -20,6 +21,7 @@ Per-step rollout metrics are created on first use, so under DDP every rank must 
 from __future__ import annotations
 
 import os
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +79,22 @@ def write_forecast_geotiff(path: Path, forecast: Tensor, crs_wkt: str, transform
         raise OSError(f"could not write the forecast GeoTIFF {path}: {error}") from error
     finally:
         partial.unlink(missing_ok=True)
+
+
+def sample_keys(
+    batch: dict[str, Any], target_times: list[str] | None = None, step: int = 1
+) -> list[str] | None:
+    """One identity per sample, ``region|window|target time|rollout step`` (the window named by its transform),
+    so a stochastic forecaster can seed each sample's noise whatever the batching; None if the batch lacks them.
+    """
+    regions, transforms = batch.get("region"), batch.get("transform")
+    target_times = target_times if target_times is not None else batch.get("target_time")
+    if regions is None or transforms is None or target_times is None:
+        return None
+    return [
+        f"{region}|{','.join(repr(float(v)) for v in transform)}|{time}|{step}"
+        for region, transform, time in zip(regions, transforms, target_times, strict=True)
+    ]
 
 
 class ForecastTask(LightningModule, ABC):
@@ -153,22 +171,22 @@ class ForecastTask(LightningModule, ABC):
                 f"{tuple(image.shape)}; set the model's `history` to the DataModule's `history`"
             )
 
-    def predict_next(self, image: Tensor) -> Tensor:
+    def forecast_samples(self, image: Tensor, sample_keys: list[str] | None) -> Tensor:
+        """``forecast`` given each sample's identity (``sample_keys``); stochastic forecasters override this to
+        seed each sample's noise from it, deterministic ones ignore it."""
+        return self.forecast(image)
+
+    def predict_next(self, image: Tensor, sample_keys: list[str] | None = None) -> Tensor:
         """The clamped forecast every evaluation path uses (contiguous: metric states reshape it with ``view``)."""
         self.check_history(image)
-        return self.forecast(image).clamp(0.0, 1.0).contiguous()
-
-    @staticmethod
-    def masked_pair(forecast: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Metric inputs where invalid pixels carry the target's value, so they add no error."""
-        return torch.where(mask[:, None], forecast, target), target
+        return self.forecast_samples(image, sample_keys).clamp(0.0, 1.0).contiguous()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        forecast = self.predict_next(batch["image"])
+        forecast = self.predict_next(batch["image"], sample_keys(batch))
         loss = self.validation_loss(batch, forecast)
         batch_size = forecast.shape[0]
         self.log("val/loss", loss, batch_size=batch_size, sync_dist=True, prog_bar=True)
-        self.val_metrics.update(*self.masked_pair(forecast, batch["target"], batch["mask"]))
+        self.val_metrics.update(forecast, batch["target"], mask=batch["mask"], owned=batch.get("owned"))
         if batch_idx == 0:
             self.last_val_images = {
                 "input": batch["image"][:, -1].detach().cpu(),
@@ -185,11 +203,11 @@ class ForecastTask(LightningModule, ABC):
         if "images" in batch:
             self.rollout(batch, batch_idx)
             return
-        forecast = self.predict_next(batch["image"])
+        forecast = self.predict_next(batch["image"], sample_keys(batch))
         self.log(
             "test/loss", self.validation_loss(batch, forecast), batch_size=forecast.shape[0], sync_dist=True
         )
-        self.test_metrics.update(*self.masked_pair(forecast, batch["target"], batch["mask"]))
+        self.test_metrics.update(forecast, batch["target"], mask=batch["mask"], owned=batch.get("owned"))
         self.single_step_test_batches += 1
 
     def rollout(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -206,12 +224,13 @@ class ForecastTask(LightningModule, ABC):
         valid_inputs = masks[:, : start + 1].all(dim=1)
         forecasts = []
         for step, target_index in enumerate(range(start + 1, num_frames), start=1):
-            forecast = self.predict_next(torch.stack(frames[-self.history :], dim=1))
+            keys = sample_keys(batch, [times[target_index] for times in batch["times"]], step)
+            forecast = self.predict_next(torch.stack(frames[-self.history :], dim=1), keys)
             frames.append(forecast)
             forecasts.append(forecast)
             metrics = self.step_metrics(step)
-            target = images[:, target_index]
-            metrics.update(*self.masked_pair(forecast, target, valid_inputs & masks[:, target_index]))
+            valid = valid_inputs & masks[:, target_index]
+            metrics.update(forecast, images[:, target_index], mask=valid, owned=batch.get("owned"))
         self.save_rollout_strips(batch, torch.stack(forecasts, dim=1), batch_idx)
 
     def step_metrics(self, step: int) -> nn.Module:
@@ -260,13 +279,34 @@ class ForecastTask(LightningModule, ABC):
         for model, metrics in rows.items():
             append_row(path, model, metrics)
         print(format_table(rows))
+        left_out = {key: int(value) for key, value in values.items() if key.endswith("partial_windows")}
+        if any(left_out.values()):
+            print(
+                f"windows with invalid pixels, scored by the pixel metrics but left out of GSSIM/LPIPS/FID: {left_out}"
+            )
+
+    def _predictions_folder(self) -> Path:
+        return Path(self.predict_dir) if self.predict_dir else run_directory(self.trainer) / "predictions"
+
+    def on_predict_start(self) -> None:
+        """Fail before the first forecast, not after it, when the predictions folder cannot be written."""
+        folder = self._predictions_folder()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"predictions folder {folder} is not writable (model.init_args.predict_dir): {error}",
+            ) from None
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Write each forecast as ``<region>_<target_time>_<x>_<y>.tif`` (window origin) and return the paths."""
         if "image" not in batch:
             raise ValueError("predict writes next-frame forecasts; set the DataModule's `sequence` to false")
-        forecast = self.predict_next(batch["image"])
-        folder = Path(self.predict_dir) if self.predict_dir else run_directory(self.trainer) / "predictions"
+        forecast = self.predict_next(batch["image"], sample_keys(batch))
+        folder = self._predictions_folder()
         paths = []
         for i in range(forecast.shape[0]):
             transform = tuple(float(v) for v in batch["transform"][i])

@@ -6,6 +6,9 @@ from metrics.forecast import (
     ForecastMetrics,
     GradientStructuralSimilarity,
     MeanOverSamples,
+    PartialWindows,
+    PeakSignalToNoise,
+    PixelError,
     StructuralSimilarity,
 )
 from metrics.functional import gssim, l1, mse, psnr, ssim
@@ -19,6 +22,9 @@ __all__ = [
     "ForecastMetrics",
     "GradientStructuralSimilarity",
     "MeanOverSamples",
+    "PartialWindows",
+    "PeakSignalToNoise",
+    "PixelError",
     "StructuralSimilarity",
     "append_row",
     "format_table",

@@ -125,11 +125,25 @@ class HybridIJEPALoss(nn.Module):
         return _masked_mean((pred - target).abs().mean(-1), valid)
 
 
-def flow_matching_loss(predicted_velocity: torch.Tensor, target_velocity: torch.Tensor) -> torch.Tensor:
-    """Rectified-flow loss of Sat-JEPA-Diff: MSE between predicted and target velocity (eps - x0), in float32."""
+def flow_matching_loss(
+    predicted_velocity: torch.Tensor, target_velocity: torch.Tensor, valid_cells: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rectified-flow loss of Sat-JEPA-Diff: MSE between predicted and target velocity (eps - x0), in float32.
+
+    ``valid_cells`` ``(B, h, w)`` restricts it to latent cells whose pixels are all valid (a zero-filled nodata
+    pixel is no target): the mean is over valid cells x channels; zero, still in the graph, if none is valid.
+    """
     if predicted_velocity.shape != target_velocity.shape:
         raise ValueError(
             f"flow_matching_loss: velocity shapes differ: {tuple(predicted_velocity.shape)} vs "
             f"{tuple(target_velocity.shape)}"
         )
-    return F.mse_loss(predicted_velocity.float(), target_velocity.float())
+    error = (predicted_velocity.float() - target_velocity.float()) ** 2
+    if valid_cells is None:
+        return error.mean()
+    expected = (error.shape[0], *error.shape[2:])
+    if tuple(valid_cells.shape) != expected:
+        raise ValueError(
+            f"flow_matching_loss: valid_cells must be {expected}, got {tuple(valid_cells.shape)}"
+        )
+    return _masked_mean(error, valid_cells.unsqueeze(1).expand_as(error))

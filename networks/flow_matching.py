@@ -39,7 +39,7 @@ def clean_estimate(noisy: Tensor, velocity: Tensor, sigmas: Tensor) -> Tensor:
 
 
 class FlowMatching:
-    """Noise-level sampling for training and the seeded img2img Euler sampler for inference.
+    """Noise-level sampling for training and the img2img Euler sampler for inference.
 
     Args:
         sigma_sampling: ``"uniform"`` (the paper: s ~ U(0, 1)) or ``"logit_normal"`` (SD3's s = sigmoid(N(m, sd))).
@@ -92,16 +92,16 @@ class FlowMatching:
         return scheduler
 
     @torch.no_grad()
-    def img2img(
-        self, velocity_fn: VelocityFn, start: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Noise ``start`` latents to the first schedule level, then integrate ``num_steps`` Euler steps to 0.
+    def img2img(self, velocity_fn: VelocityFn, start: Tensor, noise: Tensor) -> Tensor:
+        """Noise ``start`` latents with ``noise`` to the first schedule level, then integrate ``num_steps`` Euler
+        steps to 0.
 
         ``velocity_fn(latents, sigmas)`` predicts the velocity at per-sample noise levels ``sigmas`` ``(B,)``.
-        ``generator`` makes the noise, hence the prediction, reproducible.
+        The caller draws ``noise`` (same shape as ``start``), so it decides how each sample's noise is seeded.
         """
+        if noise.shape != start.shape:
+            raise ValueError(f"img2img: noise {tuple(noise.shape)} and latents {tuple(start.shape)} differ")
         scheduler = self.scheduler()
-        noise = torch.randn(start.shape, generator=generator, device=generator.device if generator else None)
         noise = noise.to(device=start.device, dtype=torch.float32)
         latents = scheduler.scale_noise(start.float(), scheduler.timesteps[:1].to(start.device), noise)
         for timestep in scheduler.timesteps:

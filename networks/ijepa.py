@@ -277,13 +277,16 @@ class MultiBlockMaskGenerator:
     clipped to it). The union of ``num_context_blocks`` (``num_target_blocks``) blocks forms the context
     (target) set; if unions differ in size within the batch, each sample keeps a random subset of the smallest
     size. Context and target may overlap (the paper's setting): the target is the future frame, so seeing the
-    same place at time t is the forecasting task, not a leak. ``min_keep`` is checked at construction against
-    the smallest block the scales allow, so sampling never fails mid-epoch.
+    same place at time t is the forecasting task, not a leak. ``min_keep`` is checked against the smallest
+    block the scales allow as soon as the grid is known, so sampling never fails mid-epoch.
+
+    ``grid_size=None`` takes the grid from the encoder it is used with (``ForecastModule`` calls
+    :meth:`set_grid_size` with the encoder's grid), so the grid is configured once, on the encoder.
     """
 
     def __init__(
         self,
-        grid_size: int = 16,
+        grid_size: int | None = None,
         context_scale: tuple[float, float] = (0.7, 1.0),
         target_scale: tuple[float, float] = (0.2, 0.5),
         aspect_ratio: tuple[float, float] = (0.75, 1.5),
@@ -292,8 +295,7 @@ class MultiBlockMaskGenerator:
         num_target_blocks: int = 1,
         min_keep: int = 6,
     ):
-        self.grid_size = grid_size
-        self.num_patches = grid_size**2
+        self.grid_size = self.num_patches = None
         self.context_scale = tuple(context_scale)
         self.target_scale = tuple(target_scale)
         self.aspect_ratio = tuple(aspect_ratio)
@@ -309,12 +311,19 @@ class MultiBlockMaskGenerator:
             raise ValueError(
                 "MultiBlockMaskGenerator needs num_context_blocks >= 1 and num_target_blocks >= 1"
             )
+        if grid_size is not None:
+            self.set_grid_size(grid_size)
+
+    def set_grid_size(self, grid_size: int) -> None:
+        """Use a ``grid_size`` x ``grid_size`` token grid, checking that every block keeps ``min_keep`` tokens."""
+        self.grid_size = grid_size
+        self.num_patches = grid_size**2
         for key in ("context_scale", "target_scale"):
             smallest = self.smallest_block_area(getattr(self, key)[0])
-            if smallest < min_keep:
+            if smallest < self.min_keep:
                 raise ValueError(
                     f"MultiBlockMaskGenerator {key}={getattr(self, key)} allows blocks of {smallest} tokens on a "
-                    f"{grid_size}x{grid_size} grid, fewer than min_keep={min_keep}"
+                    f"{grid_size}x{grid_size} grid, fewer than min_keep={self.min_keep}"
                 )
 
     def smallest_block_area(self, scale: float) -> int:
@@ -353,6 +362,10 @@ class MultiBlockMaskGenerator:
     def __call__(
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grid_size is None:
+            raise ValueError(
+                "MultiBlockMaskGenerator has no grid_size: set it, or use it inside ForecastModule"
+            )
         context_shape = self._draw_shape(self.context_scale, self.context_aspect_ratio, generator)
         target_shape = self._draw_shape(self.target_scale, self.aspect_ratio, generator)
         contexts, targets = [], []

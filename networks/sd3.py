@@ -11,11 +11,14 @@ checkpoints omit them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from torch import Tensor, nn
 from transformers import (
@@ -54,6 +57,25 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create new parameters in ``dtype``, so a bf16 model is never first built as an fp32 copy (2x the RSS)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def cast_float_buffers(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point buffers (tables built from numpy in float32) to ``dtype``; parameters are untouched."""
+    for submodule in module.modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(submodule, name, buffer.to(dtype))
 
 
 class SD3TextEncoders(nn.Module):
@@ -166,7 +188,9 @@ class SD3TextEncoders(nn.Module):
 class SD3Backbone(nn.Module):
     """Frozen SD3 transformer (trainable LoRA on its attention) + frozen float32 VAE + the fixed prompt embedding.
 
-    Only the LoRA weights require grad. The prompt is embedded once by ``text_encoders`` (which are released
+    Only the LoRA weights require grad, and they are always float32 whatever the frozen transformer's dtype
+    (``cast_training_params``, as diffusers' LoRA scripts do): under ``bf16-mixed`` Lightning keeps no fp32
+    master copy, and bf16 weights would round most AdamW updates at lr 1e-4 .. 1e-6 away. The prompt is embedded once by ``text_encoders`` (which are released
     afterwards) and kept as buffers; adapter conditioning is appended to those prompt tokens along the sequence,
     and the pooled vector is the mean of the CLIP pooled prompt and the adapter's pooled vector (the reference's
     choice, which keeps the pooled input at the scale the frozen ``time_text_embed`` was trained on).
@@ -194,6 +218,7 @@ class SD3Backbone(nn.Module):
                 r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=list(targets)
             )
         )
+        cast_training_params(self.transformer, dtype=torch.float32)
         prompt_tokens, prompt_pooled = text_encoders.encode(prompt, max_sequence_length)
         text_encoders.release()
         config = self.transformer.config
@@ -254,13 +279,17 @@ class SD3Backbone(nn.Module):
         lora_alpha: int = 16,
         lora_context_projections: bool = False,
     ) -> SD3Backbone:
-        """Random, seeded transformer and VAE from diffusers config dicts (same keys as their config.json)."""
-        with seeded(seed):
-            transformer_model = SD3Transformer2DModel(**transformer)
-            vae_model = AutoencoderKL(**vae)
+        """Random, seeded transformer and VAE from diffusers config dicts (same keys as their config.json).
+
+        The transformer's parameters are created directly in ``transformer_dtype`` (its few float32 buffers,
+        such as the position table, are cast afterwards), the VAE always in float32.
+        """
         dtype = parse_dtype(transformer_dtype, "transformer_dtype")
-        if dtype != torch.float32:
-            transformer_model.to(dtype)
+        with seeded(seed):
+            with default_dtype(dtype):
+                transformer_model = SD3Transformer2DModel(**transformer)
+            cast_float_buffers(transformer_model, dtype)
+            vae_model = AutoencoderKL(**vae)
         return cls(
             transformer_model,
             vae_model,
@@ -290,12 +319,16 @@ class SD3Backbone(nn.Module):
             latents = self.vae.encode(images.float() * 2 - 1).latent_dist.mode()
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> images ``(B, 3, H, W)`` on the [0, 1] scale (not clamped, so gradients flow)."""
-        with torch.autocast(latents.device.type, enabled=False):
+    def decode(self, latents: Tensor, autocast_dtype: torch.dtype | None = None) -> Tensor:
+        """Normalised latents -> float32 images ``(B, 3, H, W)`` on the [0, 1] scale (not clamped: gradients flow).
+
+        The decoder runs in float32 unless ``autocast_dtype`` (e.g. bf16 for the training SSIM term, where the
+        decoder is a fifth of a step's FLOPs) is given.
+        """
+        with torch.autocast(latents.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             latents = latents.float() / self.vae.config.scaling_factor + self.vae.config.shift_factor
             images = self.vae.decode(latents).sample
-        return (images + 1) / 2
+        return (images.float() + 1) / 2
 
     def conditioning(self, tokens: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor]:
         """Prompt tokens followed by the adapter ``tokens``; pooled = mean of CLIP pooled and adapter ``pooled``."""
@@ -315,3 +348,49 @@ class SD3Backbone(nn.Module):
             return_dict=False,
         )[0]
         return output.float()
+
+
+class LatentCache:
+    """Target latents of fixed windows, so the frozen VAE encodes each window once instead of every epoch.
+
+    Stores exactly what ``SD3Backbone.encode`` returns (the VAE posterior mean, shifted and scaled: no sample
+    is drawn, so a cached latent equals a fresh one) under the key ``region|window transform|target time``, in
+    memory (CPU) and, with ``folder``, as one ``.pt`` file per key (written atomically; shared by runs and
+    ranks that use the same VAE). Only windows that repeat benefit: grid windows do, random crops never hit
+    (each crop is a new key and is stored), so leave it off (null) for random-crop training.
+    """
+
+    def __init__(self, folder: str | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.memory: dict[str, Tensor] = {}
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.pt"
+
+    def lookup(self, key: str) -> Tensor | None:
+        if key not in self.memory and self.folder is not None and self.path(key).is_file():
+            self.memory[key] = torch.load(self.path(key), map_location="cpu", weights_only=True)
+        return self.memory.get(key)
+
+    def store(self, key: str, latent: Tensor) -> None:
+        self.memory[key] = latent.detach().cpu()
+        if self.folder is not None:
+            partial = self.path(key).with_suffix(".partial")
+            torch.save(self.memory[key], partial)
+            os.replace(partial, self.path(key))
+
+    @torch.no_grad()
+    def encode(self, backbone: SD3Backbone, images: Tensor, keys: list[str]) -> Tensor:
+        """Latents of ``images`` ``(B, 3, H, W)``, encoding only those whose key is not cached yet."""
+        if len(keys) != images.shape[0]:
+            raise ValueError(f"LatentCache.encode: {len(keys)} keys for {images.shape[0]} images")
+        cached = [self.lookup(key) for key in keys]
+        missing = [i for i, latent in enumerate(cached) if latent is None]
+        if missing:
+            fresh = backbone.encode(images[missing])
+            for i, latent in zip(missing, fresh, strict=True):
+                self.store(keys[i], latent)
+                cached[i] = latent
+        return torch.stack([latent.to(images.device) for latent in cached])

@@ -1,6 +1,7 @@
 """Shared test set-up: offline, quiet, single-threaded torch so parallel suites stay fast on 2 cores."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,9 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def cli_sees_no_pytest_arguments(monkeypatch):
+    """``main([...])`` passes its own arguments; LightningCLI warns when ``sys.argv`` holds pytest's as well."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])

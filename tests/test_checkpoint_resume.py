@@ -1,4 +1,5 @@
-"""Atomic, lean checkpoints and exact resume (in-process mid-epoch, and SIGKILL / SIGTERM with subprocesses)."""
+"""Atomic, lean checkpoints and exact resume (in-process mid-epoch, and SIGKILL / SIGTERM with subprocesses, with loader
+workers and random augmentation); nothing lost at epoch and run ends; corrupt files named."""
 
 import os
 import signal
@@ -10,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import callbacks.checkpoint as checkpoint_module
-from callbacks import AtomicCheckpointIO, ExactResume, LastCheckpoint, TrainableEMA
+from callbacks import AtomicCheckpointIO, CorruptCheckpointError, ExactResume, LastCheckpoint, TrainableEMA
 from lightning_cli import main
 from tests.conftest import REPO_ROOT
 from tests.fixtures.toy_training import ToyData, ToyRegression
@@ -58,6 +60,34 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "temp file left behind"
 
 
+def test_stale_temp_files_are_removed_and_the_mode_follows_the_umask(tmp_path):
+    stale = tmp_path / ".last.ckpt.k1ll3d.tmp"  # left by a write that was killed with SIGKILL
+    stale.write_bytes(b"half a checkpoint")
+    previous = os.umask(0o002)  # a shared cluster folder: group members may read and write
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-filled"])
+def test_corrupt_checkpoint_is_named_without_suggesting_an_unsafe_load(tmp_path, damage):
+    path = tmp_path / "last.ckpt"
+    trainer = _trainer(tmp_path, [], max_steps=1, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer.fit(ToyRegression(), datamodule=ToyData())
+    trainer.save_checkpoint(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(len(data)))
+    trainer = _trainer(tmp_path, [], max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0)
+    with pytest.raises(CorruptCheckpointError) as failure:
+        trainer.fit(ToyRegression(), datamodule=ToyData(), ckpt_path=str(path))
+    message = str(failure.value)
+    assert str(path) in message and "corrupt" in message
+    assert "weights_only" not in message
+
+
 def test_checkpoint_size_tracks_trainable_parameters(tmp_path):
     model = ToyRegression(frozen_width=4096)
     trainer = _trainer(tmp_path, [], max_steps=2, enable_checkpointing=False, num_sanity_val_steps=0)
@@ -88,6 +118,116 @@ def test_in_process_mid_epoch_resume_is_exact(tmp_path):
     _assert_same_training_state(reference, resumed)
 
 
+def test_in_process_resume_with_workers_and_random_augmentation_is_exact(tmp_path):
+    # Two persistent workers whose samples draw jitter from the global RNG: the worker that serves a batch shifts when
+    # the resumed epoch skips its done batches, and worker seeds are redrawn at every restart.
+    def run(root, max_steps=-1, ckpt_path=None):
+        callbacks = [TrainableEMA(decay=0.9), ExactResume(seed=0), LastCheckpoint(every_n_train_steps=7)]
+        trainer = _trainer(root, callbacks, max_epochs=2, max_steps=max_steps, num_sanity_val_steps=0)
+        data = ToyData(augment_std=0.1, num_workers=2, persistent_workers=True)
+        torch.manual_seed(0)
+        trainer.fit(ToyRegression(), datamodule=data, ckpt_path=ckpt_path)
+        return torch.load(Path(root) / "checkpoints" / "last.ckpt", weights_only=False)
+
+    reference = run(tmp_path / "reference")
+    assert run(tmp_path / "resumed", max_steps=7)["global_step"] == 7
+    resumed = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "resumed" / "checkpoints" / "last.ckpt"))
+    _assert_same_training_state(reference, resumed)
+
+
+class _ValidatedEpochs(Callback):
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.epochs.append(trainer.current_epoch)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledInFirstValidation(Callback):
+    """Stands for a SIGKILL that lands while epoch 0 validates, after its last training batch."""
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.current_epoch == 0 and not trainer.sanity_checking:
+            raise _Killed
+
+
+def test_restart_after_the_last_batch_of_an_epoch_still_validates_it(tmp_path):
+    # The periodic save falls on the epoch's last batch (10 batches per epoch): a restart from it must not treat the
+    # epoch as done, or its validation, epoch-end hooks and best-model score are lost.
+    def run(root, extra=(), ckpt_path=None):
+        validated = _ValidatedEpochs()
+        best = ModelCheckpoint(monitor="val/loss", filename="best-{epoch}")
+        callbacks = [validated, *extra, ExactResume(seed=0), LastCheckpoint(every_n_train_steps=5), best]
+        trainer = _trainer(root, callbacks, max_epochs=2, num_sanity_val_steps=0)
+        torch.manual_seed(0)
+        trainer.fit(ToyRegression(), datamodule=ToyData(), ckpt_path=ckpt_path)
+        return validated.epochs, best
+
+    reference_epochs, reference_best = run(tmp_path / "reference")
+    assert reference_epochs == [0, 1]
+    with pytest.raises(_Killed):
+        run(tmp_path / "resumed", extra=[_KilledInFirstValidation()])
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    epochs, best = run(tmp_path / "resumed", ckpt_path=str(last))
+    assert epochs == [0, 1], "a restarted epoch skipped its validation"
+    assert best.best_model_score == reference_best.best_model_score
+    torch.testing.assert_close(
+        torch.load(last, weights_only=False)["state_dict"],
+        torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"],
+        rtol=0,
+        atol=0,
+    )
+
+
+class _RawWeights(Callback):
+    """The trainable weights after each optimizer step (before the EMA callback swaps anything)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.last = {k: v.detach().clone() for k, v in pl_module.head.state_dict().items()}
+
+
+@pytest.mark.parametrize("every_n_train_steps", [0, 5])
+def test_run_ending_mid_epoch_saves_its_last_step_with_raw_and_ema_weights(tmp_path, every_n_train_steps):
+    raw = _RawWeights()
+    callbacks = [raw, TrainableEMA(decay=0.8), LastCheckpoint(every_n_train_steps=every_n_train_steps)]
+    trainer = _trainer(tmp_path, callbacks, max_steps=7, num_sanity_val_steps=0)  # 10 batches per epoch
+    trainer.fit(ToyRegression(), datamodule=ToyData())
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 7
+    for name, value in raw.last.items():  # the raw weights, not the EMA a second time
+        torch.testing.assert_close(checkpoint["ema"]["weights"][f"head.{name}"], value, rtol=0, atol=0)
+    assert not torch.equal(checkpoint["state_dict"]["head.0.weight"], raw.last["0.weight"])
+
+
+def test_last_checkpoint_from_the_config_records_the_current_best_model(tmp_path):
+    config = {
+        "model": {"class_path": f"{TOY}.ToyRegression"},
+        "data": {"class_path": f"{TOY}.ToyData", "init_args": {"num_train": 8}},
+        "trainer": {
+            "max_epochs": 3,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {"class_path": "callbacks.LastCheckpoint", "init_args": {"every_n_train_steps": 3}}
+            ],
+        },
+    }
+    config_path = tmp_path / "toy.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(config_path), "--trainer.default_root_dir", str(tmp_path)])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    (best,) = [state for key, state in checkpoint["callbacks"].items() if "val/loss" in key]
+    assert Path(best["best_model_path"]).is_file(), (
+        f"last.ckpt names a deleted best model {best['best_model_path']}"
+    )
+
+
 def _wait_for_checkpoint(path: Path, process: subprocess.Popen, min_step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,7 +243,10 @@ def test_sigkill_and_sigterm_then_resume_match_uninterrupted_run(tmp_path):
     config = {
         "seed_everything": 0,
         "model": {"class_path": f"{TOY}.ToyRegression", "init_args": {"step_sleep": 0.25}},
-        "data": {"class_path": f"{TOY}.ToyData"},
+        "data": {
+            "class_path": f"{TOY}.ToyData",
+            "init_args": {"augment_std": 0.1, "num_workers": 2, "persistent_workers": True},
+        },
         "trainer": {
             "accelerator": "cpu",
             "deterministic": True,

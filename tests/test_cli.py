@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch.loggers import WandbLogger
 from rasterio.windows import Window
 
 from lightning_cli import main
+from lightning_cli.cli import config_error_line
+from tests.fixtures.make_geobench import write_cashew_plant, write_eurosat
 from tests.fixtures.make_s2_dataset import make_s2_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +123,208 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
         main(["fit", "--config", config, "--config", str(bad)])
     assert exit_info.value.code != 0
     assert "learning_rat" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- run folder, logger, callbacks, links, errors
+TINY_FIT = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def default_logger_fit(config: Path, *extra: str) -> list[str]:
+    """A user's `fit` of a shipped config: default logger (offline W&B) and run folder, tiny limits."""
+    # `default_root_dir null` stands for a config that leaves the run folder to the CLI
+    return ["fit", "--config", str(config), "--trainer.default_root_dir", "null", *TINY_FIT, *QUIET, *extra]
+
+
+def test_fit_keeps_one_run_folder_per_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = REPO_ROOT / "configs" / "tiny" / "simvp.yaml"
+    data = ["--data.init_args.root", str(DEMO_DATA)]
+    first = main(default_logger_fit(config, *data, "--trainer.callbacks+=ForecastImageCallback"))
+    main(default_logger_fit(config, *data, "--trainer.logger", "false", "--seed_everything", "1"))
+
+    assert [path.name for path in tmp_path.iterdir()] == ["runs"]  # nothing beside the run folders
+    runs = sorted((tmp_path / "runs" / "tiny" / "simvp").iterdir())
+    assert len(runs) == 2
+    run = runs[0]
+    assert Path(first.trainer.default_root_dir).resolve() == run.resolve()
+    assert {path.name for path in run.iterdir()} == {"checkpoints", "config.yaml", "images", "wandb"}
+    checkpoints = {path.name for path in (run / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
+    assert (run / "images" / "epoch_000.png").is_file()
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert "seed_everything: 0" in (run / "config.yaml").read_text()
+    assert "seed_everything: 1" in (runs[1] / "config.yaml").read_text()
+    printed = capsys.readouterr().out
+    assert printed.count(f"run folder: {Path('runs') / 'tiny' / 'simvp' / run.name}") == 1
+    assert f"run folder (done): {Path('runs') / 'tiny' / 'simvp' / run.name}" in printed
+
+
+def test_test_of_a_run_checkpoint_writes_into_that_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPO_ROOT / "configs" / "tiny" / "persistence.yaml"
+    args = [
+        "--config",
+        str(config),
+        "--trainer.default_root_dir",
+        "null",
+        "--trainer.logger",
+        "false",
+        *QUIET,
+    ]
+    args += ["--data.init_args.root", str(DEMO_DATA)]
+    fit = main(["fit", *args, *TINY_FIT])
+    run = Path(fit.trainer.default_root_dir)
+    main(["test", *args, "--ckpt_path", "last", "--trainer.limit_test_batches", "1"])
+    assert (run / "test_results.csv").is_file() and (run / "config_test.yaml").is_file()
+    assert len(list((tmp_path / "runs" / "tiny" / "persistence").iterdir())) == 1
+
+
+def test_wandb_offline_false_goes_online(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    base = ["--config", str(REPO_ROOT / "configs" / "tiny" / "persistence.yaml")]
+    base += ["--data.init_args.root", str(DEMO_DATA), "--trainer.default_root_dir", str(tmp_path)]
+    offline = main(base, run=False)
+    assert offline.trainer.logger._offline
+    assert offline.trainer.logger.save_dir == str(tmp_path)  # W&B files go below the run folder
+    online = main([*base, "--trainer.logger.init_args.offline", "false"], run=False)
+    assert not online.trainer.logger._offline and "WANDB_MODE" not in os.environ
+
+
+def test_default_callbacks_are_visible_and_switchable(tmp_path, capsys):
+    args = [
+        "--config",
+        str(REPO_ROOT / "configs" / "tiny" / "simvp.yaml"),
+        "--data.init_args.root",
+        str(DEMO_DATA),
+    ]
+    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["best_checkpoint"]["init_args"]["monitor"] == "val/loss"
+    assert printed["last_checkpoint"]["class_path"] == "callbacks.LastCheckpoint"
+    assert {"exact_resume", "nonfinite_guard"} <= set(printed)
+
+    def callback_types(*extra: str) -> set[str]:
+        return {type(callback).__name__ for callback in main([*args, *extra], run=False).trainer.callbacks}
+
+    assert {"ModelCheckpoint", "LastCheckpoint", "ExactResume", "NonFiniteLossGuard"} <= callback_types()
+    without_checkpoints = callback_types("--trainer.enable_checkpointing", "false")
+    assert "ModelCheckpoint" not in without_checkpoints and "LastCheckpoint" not in without_checkpoints
+    assert "ExactResume" in without_checkpoints
+    assert "NonFiniteLossGuard" not in callback_types("--nonfinite_guard", "null")
+
+
+def config_without_model_history(tmp_path: Path) -> Path:
+    """configs/tiny/simvp.yaml with `history` only under data (as the linked configs are written)."""
+    text = (REPO_ROOT / "configs" / "tiny" / "simvp.yaml").read_text()
+    model, data = text.split("\ndata:\n")
+    model = "\n".join(
+        line for line in model.splitlines() if line.strip() not in ("history: 1", "in_frames: 1")
+    )
+    path = tmp_path / "simvp.yaml"
+    path.write_text(f"{model}\ndata:\n{data}")
+    return path
+
+
+def test_history_is_set_once_under_data(tmp_path, capsys):
+    args = ["--config", str(config_without_model_history(tmp_path)), "--data.init_args.root", str(DEMO_DATA)]
+    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    cli = main([*args, "--data.init_args.history", "2"], run=False)
+    assert cli.datamodule.history == cli.model.history == cli.model.network.in_frames == 2
+
+    persistence = main(["--config", str(REPO_ROOT / "configs" / "tiny" / "persistence.yaml"), *args[2:],
+                        "--data.init_args.history", "2"], run=False)  # fmt: skip
+    assert persistence.model.history == 2  # its network takes no in_frames: that link is skipped
+
+    with pytest.raises(SystemExit):
+        main([*args, "--model.init_args.history", "3"], run=False)
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'model.init_args.history' (3)" in last_line and "'data.init_args.history' (1)" in last_line
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (["--data.init_args.patch_size", "-1"], "patch_size"),
+        (["--model.init_args.learning_rat", "0.1"], "model.init_args.learning_rat"),
+    ],
+)
+def test_config_error_ends_with_one_line_naming_the_key(tmp_path, capsys, override, key):
+    args = [
+        "--config",
+        str(REPO_ROOT / "configs" / "tiny" / "simvp.yaml"),
+        "--data.init_args.root",
+        str(DEMO_DATA),
+    ]
+    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, *override])
+    assert exit_info.value.code != 0
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert key in last_line and "config key" in last_line and len(last_line) < 200
+    assert not (tmp_path / "checkpoints").exists()
+
+
+FAMILIES = {
+    "simvp": None,
+    "difuser_cls": write_eurosat,
+    "persistence": None,
+    "predrnn": None,
+    "forecast": None,
+    "difuser_seg": write_cashew_plant,
+}
+FAST_FAMILIES = ("simvp", "difuser_cls")
+
+
+@pytest.mark.parametrize(
+    "family",
+    [name if name in FAST_FAMILIES else pytest.param(name, marks=pytest.mark.slow) for name in FAMILIES],
+)
+def test_every_config_family_fits_with_a_logger(family, tmp_path, monkeypatch):
+    """The W&B logger merges model and datamodule hparams: a key both take must agree (DiFuser's ignore_index)."""
+    monkeypatch.chdir(tmp_path)
+    write_task = FAMILIES[family]
+    if write_task is None:
+        data = ["--data.init_args.root", str(DEMO_DATA)]
+    else:
+        write_task(tmp_path / "geobench")
+        data = ["--data.init_args.root", str(tmp_path / "geobench")]
+    # the default logger, explicitly offline: every family must fit with it
+    logger = ["--trainer.logger", "WandbLogger", "--trainer.logger.offline", "true"]
+    if family == "forecast":  # a path relative to the repository root, not to the config
+        tokenizer = REPO_ROOT / "configs" / "tiny" / "sd3" / "tokenizer"
+        data += [
+            "--model.init_args.backbone.init_args.text_encoders.init_args.tokenizer_path",
+            str(tokenizer),
+        ]
+    cli = main(default_logger_fit(REPO_ROOT / "configs" / "tiny" / f"{family}.yaml", *data, *logger))
+    assert cli.trainer.state.finished and isinstance(cli.trainer.logger, WandbLogger)
+    (run,) = (tmp_path / "runs" / "tiny" / family).iterdir()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+
+
+class Loader:
+    """A datamodule-like class whose signature validates its range (jsonargparse's PositiveInt)."""
+
+
+class PositiveBatchLoader(Loader):
+    def __init__(self, batch_size: PositiveInt = 8):
+        self.batch_size = batch_size
+
+
+def test_signature_range_error_names_the_nested_key():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Loader, "data")
+    with pytest.raises(ArgumentError) as error:
+        parser.parse_args(["--data", f"{__name__}.PositiveBatchLoader", "--data.batch_size", "0"])
+    line = config_error_line(str(error.value))
+    assert line.startswith("config key 'data.init_args.batch_size': ") and "PositiveInt" in line

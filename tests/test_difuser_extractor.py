@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from diffusers import DDIMScheduler
 
@@ -64,7 +65,7 @@ def test_hooks_capture_every_decoder_map_per_level_with_its_shape():
 
 
 def test_block_types_select_resnet_or_attention_maps():
-    resnet_only = tiny_extractor(timesteps=[1, 100], block_types=["resnet"])
+    resnet_only = tiny_extractor(timesteps=[1, 100], block_types=["resnet_residual"])
     assert [len(c) for c in resnet_only.feature_channels] == [4, 4, 4, 4]
     with pytest.raises(ValueError, match="no decoder map at pyramid level"):
         tiny_extractor(block_types=["attn"])  # the coarsest up block has no attention
@@ -72,7 +73,7 @@ def test_block_types_select_resnet_or_attention_maps():
 
 def test_attention_maps_are_reshaped_to_the_spatial_layout():
     """The attn1 map at a pixel must come from that pixel's token: a shifted input shifts the map."""
-    extractor = tiny_extractor(timesteps=[1], block_types=["resnet", "attn"])
+    extractor = tiny_extractor(timesteps=[1], block_types=["resnet_residual", "attn"])
     captured = {}
     attn1 = extractor.unet.up_blocks[3].attentions[0].transformer_blocks[0].attn1
     handle = attn1.register_forward_hook(lambda m, a, out: captured.setdefault("tokens", out))
@@ -164,7 +165,7 @@ def test_cache_identity_follows_config_and_weights():
     base = tiny_extractor()
     assert base.cache_identity == tiny_extractor().cache_identity
     assert base.cache_identity != tiny_extractor(timesteps=[1, 100]).cache_identity
-    assert base.cache_identity != tiny_extractor(block_types=["resnet"]).cache_identity
+    assert base.cache_identity != tiny_extractor(block_types=["resnet_residual"]).cache_identity
     assert base.cache_identity != tiny_extractor(seed=1).cache_identity
 
 
@@ -206,3 +207,72 @@ def test_generated_tokenizer_round_trips_the_prompt():
     assert (
         tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == "asatelliteimage"
     )  # CLIP lowercases
+
+
+def count_unet_calls(extractor: DiffusionFeatureExtractor) -> list[int]:
+    """Batch sizes of every UNet call from now on."""
+    calls: list[int] = []
+    extractor.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_inversion_calls_the_unet_once_per_visited_timestep():
+    """50 steps to t=200 visit 0, 1, 20, ..., 200: 12 UNet calls (the clean latent is the sample at t=0)."""
+    extractor = tiny_extractor(timesteps=[1, 100, 200], num_inversion_steps=50)
+    calls = count_unet_calls(extractor)
+    extractor(images(batch=1))
+    assert len(extractor.path) == 12 and len(calls) == 12
+
+
+def test_latent_tier_reads_the_same_pyramid_in_one_batched_call():
+    extractor = tiny_extractor(timesteps=[1, 100, 200])
+    batch = images(batch=2)
+    expected = extractor(batch)
+    noisy = extractor.noisy_latents(batch)
+    assert noisy.shape == (2, 3, 4, 16, 16)
+    calls = count_unet_calls(extractor)
+    pyramid = extractor.features_from_latents(noisy)
+    assert calls == [6]  # 3 timesteps x 2 samples, one call
+    for level_expected, level in zip(expected, pyramid, strict=True):
+        for e, m in zip(level_expected, level, strict=True):
+            torch.testing.assert_close(m, e, atol=1e-4, rtol=1e-4)
+
+
+def test_resnet_block_types_read_the_residual_branch_or_the_whole_block():
+    extractor = tiny_extractor(timesteps=[1], block_types=["resnet_residual", "resnet_output"])
+    assert DiffusionFeatureExtractor.__init__.__defaults__[1] == ["resnet_residual", "attn"]  # the paper's
+    resnet = extractor.unet.up_blocks[3].resnets[0]
+    seen = {}
+    resnet.conv2.register_forward_hook(lambda m, a, out: seen.setdefault("conv2", out))
+    resnet.register_forward_hook(lambda m, a, out: seen.setdefault("block", out))
+    pyramid = extractor(images(batch=1))
+    assert extractor.block_layout[0][:2] == [("resnet_residual", 0), ("resnet_output", 0)]
+    torch.testing.assert_close(pyramid[0][0], seen["conv2"])
+    torch.testing.assert_close(pyramid[0][1], seen["block"])
+    assert not torch.allclose(seen["conv2"], seen["block"])  # the shortcut of the concatenated skip differs
+
+
+def test_shrinking_to_the_backbone_size_is_antialiased():
+    extractor = tiny_extractor(image_size=32)
+    seen = {}
+    extractor.vae.encoder.register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0]))
+    stripes = torch.zeros(1, 3, 64, 64)
+    stripes[..., ::2] = 1.0  # a pattern above the 32 px Nyquist limit
+    extractor(stripes)
+    expected = F.interpolate(stripes, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(seen["input"], expected * 2 - 1)
+
+
+def test_bfloat16_compute_runs_the_unet_in_bf16_and_keeps_features_close():
+    reference = tiny_extractor(timesteps=[1, 200])
+    extractor = tiny_extractor(timesteps=[1, 200], compute_dtype="bfloat16")
+    assert extractor.cache_identity != reference.cache_identity
+    dtypes = []
+    extractor.unet.conv_in.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    batch = images(batch=2)
+    pyramid, expected = extractor(batch), reference(batch)
+    assert set(dtypes) == {torch.bfloat16}
+    for level, level_expected in zip(pyramid, expected, strict=True):
+        for m, e in zip(level, level_expected, strict=True):
+            assert m.dtype == torch.float32 and torch.isfinite(m).all()
+            assert F.cosine_similarity(m.flatten(), e.flatten(), dim=0) > 0.98

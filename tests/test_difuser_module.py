@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+import wandb
+from lightning.pytorch import Callback, Trainer
 
+from datamodules.geobench import GeoBenchDataModule
 from lightning_cli.cli import main
 from lightning_modules.difuser import DiFuserModule
 from metrics.geobench import task_metrics
-from networks.difuser import GlobalWeightedFusion, LinearClassificationHead
+from networks.difuser import (
+    GlobalWeightedFusion,
+    LinearClassificationHead,
+    MoEFusion,
+    SingleFeature,
+    UPerNetHead,
+)
 from tests.fixtures.make_geobench import write_cashew_plant, write_eurosat
 from tests.test_difuser_extractor import images, tiny_extractor
 
@@ -36,8 +45,17 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, config, write_task, metric)
         "--trainer.default_root_dir", str(tmp_path / "run"),
         "--model.init_args.cache_dir", str(cache),
     ]  # fmt: skip
-    fit = main(["fit", *args])
+    # the default W&B logger (offline): model and datamodule hyperparameters are merged without a clash
+    logger = {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": "satdiff", "offline": True, "save_dir": str(tmp_path / "wandb")},
+    }
+    wandb.finish()  # no run of an earlier test is reused
+    fit = main(["fit", *args, "--trainer.logger", json.dumps(logger)])
+    wandb.finish()
     model = fit.model
+    assert (tmp_path / "wandb" / "wandb").is_dir()
+    assert fit.trainer.logger.experiment.config["ignore_index"] == fit.datamodule.ignore_index
     assert model.task["num_classes"] == fit.datamodule.num_classes  # linked from the datamodule
     assert model.task["task_type"] == fit.datamodule.task_type
     assert fit.trainer.callback_metrics["val/loss"].isfinite()
@@ -46,8 +64,8 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, config, write_task, metric)
     trainable = {id(p) for p in [*model.fusion.parameters(), *model.head.parameters()]}
     assert optimised == trainable
     assert all(p.grad is None and not p.requires_grad for p in model.extractor.parameters())
-    # features were cached once per train/val sample
-    assert len(list(cache.rglob("*.safetensors"))) == 5
+    # inverted latents (the default tier) were cached once per train/val sample
+    assert len(list(cache.rglob("*-latents-float16/*.safetensors"))) == 5
 
     last = next((tmp_path / "run").rglob("last.ckpt"))
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
@@ -74,11 +92,11 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, config, write_task, metric)
         assert torch.equal(reloaded.head.state_dict()[key], value), key
 
 
-def small_module(task_type: str, num_classes: int = 3, **kwargs) -> DiFuserModule:
+def small_module(task_type: str, num_classes: int = 3, timesteps=(1, 100), **kwargs) -> DiFuserModule:
+    kwargs.setdefault("fusion", partial(GlobalWeightedFusion, out_channels=8, bottleneck_channels=8))
+    kwargs.setdefault("head", LinearClassificationHead)
     module = DiFuserModule(
-        tiny_extractor(timesteps=[1, 100], num_inversion_steps=4),
-        fusion=partial(GlobalWeightedFusion, out_channels=8, bottleneck_channels=8),
-        head=LinearClassificationHead,
+        tiny_extractor(timesteps=list(timesteps), num_inversion_steps=4),
         num_classes=num_classes,
         task_type=task_type,
         **kwargs,
@@ -165,25 +183,158 @@ def test_task_must_be_known_and_agree_with_the_datamodule():
         module._adopt_task({"num_classes": 10}, "datamodule")
 
 
-def test_every_task_config_parses_and_a_missing_weights_folder_names_its_key(tmp_path, capsys):
-    configs = sorted((CONFIGS.parent / "difuser").glob("*.yaml"))
-    assert len(configs) == 12
-    for config in configs:
+DIFUSER_CONFIGS = CONFIGS.parent / "difuser"
+
+
+def task_config_args(task: Path) -> list[str]:
+    """A task file is an overlay on its base: ``--config _base_<kind>.yaml --config <task>.yaml``."""
+    kind = "seg" if "segmentation" in task.read_text().split("\n")[0] else "cls"
+    return ["--config", str(DIFUSER_CONFIGS / f"_base_{kind}.yaml"), "--config", str(task)]
+
+
+def test_every_task_config_and_ablation_overlay_parses_and_a_missing_weights_folder_names_its_key(
+    tmp_path, capsys
+):
+    tasks = sorted(DIFUSER_CONFIGS.glob("m-*.yaml"))
+    ablations = sorted((DIFUSER_CONFIGS / "ablations").rglob("*.yaml"))
+    assert len(tasks) == 12 and len(ablations) == 17
+    runs = [task_config_args(task) for task in tasks]
+    runs += [[*task_config_args(DIFUSER_CONFIGS / "m-NeonTree.yaml"), "--config", str(a)] for a in ablations]
+    for args in runs:
         with pytest.raises(SystemExit) as parsed:
-            main(["fit", "--config", str(config), "--print_config"])
-        assert parsed.value.code in (0, None), config
+            main(["fit", *args, "--print_config"])
+        assert parsed.value.code in (0, None), args
+    for path in [*tasks, *ablations, *DIFUSER_CONFIGS.glob("_base_*.yaml"), *CONFIGS.glob("difuser_*.yaml")]:
+        assert "/work/" not in path.read_text() and "/tmp/" not in path.read_text(), path  # nothing outside
     capsys.readouterr()
     root = tmp_path / "geobench"
     write_eurosat(root)
-    with pytest.raises(ValueError, match="backbone.init_args.root"):
+    with pytest.raises((ValueError, SystemExit)) as raised:  # the CLI may turn the error into one line
         main(
             [
                 "fit",
-                "--config",
-                str(CONFIGS.parent / "difuser" / "m-eurosat.yaml"),
+                *task_config_args(DIFUSER_CONFIGS / "m-eurosat.yaml"),
                 "--data.init_args.root",
                 str(root),
                 "--model.init_args.extractor.init_args.backbone.init_args.root",
                 str(tmp_path / "absent"),
+                "--trainer.default_root_dir",
+                str(tmp_path / "run"),
             ]
         )
+    assert "backbone.init_args.root" in str(raised.value) + capsys.readouterr().err
+
+
+def test_head_and_fusion_initialisation_ignore_the_global_rng_state():
+    """What DDP does to the RNG before configure_model must not change the weights a rank starts from."""
+    extractor = tiny_extractor(timesteps=[1, 100], num_inversion_steps=4)
+
+    def build(global_seed: int) -> DiFuserModule:
+        torch.manual_seed(global_seed)
+        module = DiFuserModule(
+            extractor,
+            fusion=partial(GlobalWeightedFusion, out_channels=8, bottleneck_channels=8),
+            head=partial(UPerNetHead, channels=8),
+        )  # init_seed unset: the run seed
+        torch.rand(1000)  # the strategy moves the RNG between construction and configure_model
+        module._adopt_task({"task_type": "segmentation", "num_classes": 3}, "datamodule")
+        module.configure_model()
+        return module
+
+    first, second = build(0), build(123)
+    for part in ("fusion", "head"):
+        left, right = getattr(first, part).state_dict(), getattr(second, part).state_dict()
+        assert all(torch.equal(left[key], right[key]) for key in left), part
+
+
+def test_a_task_given_at_construction_builds_the_head_at_once():
+    module = DiFuserModule(
+        tiny_extractor(timesteps=[1], num_inversion_steps=2),
+        fusion=partial(GlobalWeightedFusion, out_channels=8, bottleneck_channels=8),
+        head=LinearClassificationHead,
+        num_classes=4,
+        task_type="classification",
+        ignore_index=255,
+    )
+    assert module.head is not None  # an EMA callback sees every trainable parameter at on_fit_start
+    assert not {"num_classes", "task_type", "ignore_index"} & set(module.hparams)
+
+
+def batches(count: int, size: int = 32) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {"image": torch.rand(3, size, size, generator=generator), "label": i % 3, "sample": f"s{i}"}
+        for i in range(count)
+    ]
+
+
+def test_moe_warmup_counts_optimizer_steps_under_the_trainer(tmp_path):
+    """Three timesteps call the MoE layers three times per step; routing turns sparse after N optimizer steps."""
+    module = small_module(
+        "classification",
+        timesteps=(1, 100, 200),
+        fusion=partial(
+            MoEFusion, out_channels=8, num_experts=4, top_k=2, dense_warmup_steps=2, bottleneck_channels=8
+        ),
+        warmup_epochs=0,
+    )
+    routing = []
+
+    class RecordRouting(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            routing.append(pl_module.fusion.sparse)
+
+    trainer = Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[RecordRouting()], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(8), batch_size=2))
+    assert trainer.global_step == 4
+    assert routing == [False, False, True, True]
+
+
+def test_single_feature_gets_the_extractor_layout_and_names_a_level_it_cannot_serve():
+    module = small_module(
+        "classification",
+        fusion=partial(
+            SingleFeature, kind="attn", fallback_kind="resnet_residual", timestep_index=1, out_channels=8
+        ),
+    )
+    layout = module.extractor.block_layout
+    assert layout[3] == [("resnet_residual", 0), ("resnet_residual", 1)]  # the coarsest level: no attention
+    assert module.fusion.entries[0] == len(layout[0]) + 1  # t=100, first attn after the first ResNet
+    assert module({"image": images(batch=2), "sample": ["a", "b"]}).shape == (2, 3)
+    with pytest.raises(ValueError, match="level 3 has no attn block 0"):
+        small_module("classification", fusion=partial(SingleFeature, kind="attn", out_channels=8))
+
+
+def test_cache_is_refused_with_random_augmentation(tmp_path):
+    class AugmentingGeoBench(GeoBenchDataModule):
+        random_augmentation = True
+
+    write_eurosat(tmp_path / "geobench")
+    datamodule = AugmentingGeoBench(task="m-eurosat", root=str(tmp_path / "geobench"), image_size=32)
+    module = DiFuserModule(
+        tiny_extractor(timesteps=[1], num_inversion_steps=2),
+        fusion=partial(GlobalWeightedFusion, out_channels=8, bottleneck_channels=8),
+        head=LinearClassificationHead,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="cache_dir.*random augmentation"):
+        trainer.fit(module, datamodule=datamodule)
+
+
+def test_predict_over_every_split_fills_the_cache_ahead_of_training(tmp_path):
+    """The documented prefill command: `predict ... --data.init_args.predict_split all` with a cache_dir."""
+    root, cache = tmp_path / "geobench", tmp_path / "cache"
+    write_eurosat(root)
+    main(
+        [
+            "predict", "--config", str(CONFIGS / "difuser_cls.yaml"),
+            "--data.init_args.root", str(root), "--data.init_args.predict_split", "all",
+            "--model.init_args.cache_dir", str(cache), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger", "false",
+        ]
+    )  # fmt: skip
+    assert len(list(cache.rglob("*-latents-float16/*.safetensors"))) == 6  # train 4 + val 1 + test 1

@@ -1,10 +1,11 @@
-"""TrainableEMA: averages only trainable weights, follows the EMA formula, is swapped in and checkpointed once."""
+"""TrainableEMA: averages only trainable weights, follows the EMA formula, is swapped in and checkpointed once; is
+built after ``configure_model`` on the device the parameters train on."""
 
 import torch
 from lightning.pytorch import Callback, Trainer
 
 from callbacks import LastCheckpoint, TrainableEMA
-from tests.fixtures.toy_training import ToyData, ToyRegression
+from tests.fixtures.toy_training import ToyData, ToyLazyHead, ToyRegression
 
 
 class WeightRecorder(Callback):
@@ -29,6 +30,7 @@ def _fit(tmp_path, ema, max_epochs=1, callbacks_extra=(), **trainer_kwargs):
         num_sanity_val_steps=0,
         **trainer_kwargs,
     )
+    torch.manual_seed(0)  # the frozen random backbone, rebuilt the same by a reload
     model = ToyRegression(dropout=0.0, noise_std=0.0)
     trainer.fit(model, datamodule=ToyData(num_train=24))
     return trainer, model, recorder
@@ -75,6 +77,7 @@ def test_checkpoint_holds_ema_as_state_dict_and_raw_weights_once(tmp_path):
         torch.testing.assert_close(checkpoint["ema"]["weights"][f"head.{name}"], value)
     assert not torch.equal(state["head.0.weight"], checkpoint["ema"]["weights"]["head.0.weight"])
 
+    torch.manual_seed(0)
     reloaded = ToyRegression.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     torch.testing.assert_close(
         reloaded.head.state_dict(), model.head.state_dict()
@@ -94,3 +97,33 @@ def test_validation_runs_on_ema_weights(tmp_path):
     torch.testing.assert_close(seen["held"], recorder.steps[-1]["0.weight"])  # raw weights put aside
     torch.testing.assert_close(seen["module"], model.head[0].weight.detach())  # validation saw the EMA
     assert not torch.equal(seen["module"], seen["held"])
+
+
+def test_head_created_in_configure_model_is_averaged(tmp_path):
+    # Like DiFuserModule, whose head is built in configure_model, after the callbacks' setup.
+    ema = TrainableEMA(decay=0.9)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=3,
+        callbacks=[ema, LastCheckpoint(every_n_train_steps=3)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    model = ToyLazyHead(dropout=0.0, noise_std=0.0)
+    trainer.fit(model, datamodule=ToyData())
+    assert ema._average_model.names == [f"head.{name}" for name, _ in model.head.named_parameters()]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["ema"]["weights"]) == set(ema._average_model.names)
+
+
+def test_average_lives_on_the_device_the_parameters_train_on():
+    # Callbacks' setup runs before the strategy moves the model (to the GPU); the average must follow the move.
+    # The "meta" device stands in for a GPU: the model is moved after setup, as Lightning's strategy does.
+    model = ToyRegression()
+    ema = TrainableEMA(decay=0.9)
+    ema.setup(None, model, "fit")
+    model.to("meta")
+    ema.on_fit_start(None, model)
+    assert {p.device.type for p in ema._average_model.parameters()} == {"meta"}

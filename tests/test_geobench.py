@@ -84,7 +84,7 @@ def test_bigearthnet_mixed_resolution_bands_resized_to_finest(shared_data: Path,
 
 
 def test_classification_batch_matches_files_and_minmax(bench: Path) -> None:
-    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench))
+    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench), normalization="minmax")
     assert (dm.task_type, dm.num_classes, dm.class_names[:2]) == (
         "classification",
         10,
@@ -285,3 +285,117 @@ def test_config_keys_parse_with_jsonargparse(bench: Path) -> None:
     assert dm.band_names == ["08 - NIR"] and dm.normalization == "meanstd" and dm.batch_size == 32
     with pytest.raises(Exception, match="normalization"):
         parser.parse_args(["--data.task=m-eurosat", f"--data.root={bench}", "--data.normalization=zscore"])
+
+
+def rgb_fraction_at_bounds(image: torch.Tensor) -> float:
+    return float(((image == 0) | (image == 1)).float().mean())
+
+
+def test_default_normalization_gives_real_sentinel2_pixels_a_natural_range(
+    shared_data: Path, tmp_path
+) -> None:
+    """Real BigEarthNet patches, band_stats.json over every patch (its maxima come from the snow scene, as the
+    saturated outliers of a real benchmark's stats): the default input is neither black nor mostly clipped."""
+    make_geobench.write_bigearthnet(tmp_path, shared_data / "bigearthnet-s2-examples", stats_over="all")
+    dm = GeoBenchDataModule(task="m-bigearthnet", root=str(tmp_path))
+    dm.setup("fit")
+    image = batch_of(dm)["image"]
+    assert 0.1 < float(image.mean()) < 0.6
+    assert rgb_fraction_at_bounds(image) < 0.02
+    record = dm.train_dataset.records[0]
+    with h5py.File(record.path) as f:
+        red = torch.from_numpy(f[record.band_keys[0]][()].astype(np.float32))
+    torch.testing.assert_close(
+        dm.train_dataset[0]["image"][0], (red / 4095).clamp(0, 1)
+    )  # fixed Sentinel-2 scale
+    minmax = GeoBenchDataModule(task="m-bigearthnet", root=str(tmp_path), normalization="minmax")
+    minmax.setup("fit")
+    assert float(batch_of(minmax)["image"].mean()) < 0.1  # what the stats' outlier maxima do
+
+
+def test_percentile_stretch_reads_band_stats_percentiles(shared_data: Path, tmp_path) -> None:
+    make_geobench.write_bigearthnet(tmp_path, shared_data / "bigearthnet-s2-examples")
+    task_dir = tmp_path / "classification_v1.0" / "m-bigearthnet"
+    stats = json.loads((task_dir / "band_stats.json").read_text())["03 - Green"]
+    for percentiles, (low, high) in {
+        "0.1-99.9": ("percentile_0_1", "percentile_99_9"),
+        "1-99": ("percentile_1", "percentile_99"),
+    }.items():
+        dm = GeoBenchDataModule(
+            task="m-bigearthnet", root=str(tmp_path), normalization="percentile", percentiles=percentiles
+        )
+        dm.setup("fit")
+        item = dm.train_dataset[0]
+        record = dm.train_dataset.records[0]
+        with h5py.File(record.path) as f:
+            green = torch.from_numpy(f[record.band_keys[1]][()].astype(np.float32))
+        expected = ((green - stats[low]) / (stats[high] - stats[low])).clamp(0, 1)
+        torch.testing.assert_close(item["image"][1], expected)
+        image = batch_of(dm)["image"]
+        assert 0.1 < float(image.mean()) < 0.6  # stats of the train split only: percentiles of land scenes
+        assert rgb_fraction_at_bounds(image) < (0.02 if percentiles == "0.1-99.9" else 0.03)
+    assert dm.dataset_key != GeoBenchDataModule(task="m-bigearthnet", root=str(tmp_path)).dataset_key
+
+
+def test_fixed_scale_refuses_files_in_other_units(bench_copy: Path) -> None:
+    path = eurosat_dir(bench_copy) / "band_stats.json"
+    stats = json.loads(path.read_text())
+    stats["04 - Red"]["mean"] = 0.12  # reflectance, not digital numbers
+    path.write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"band_stats\.json: band '04 - Red' has mean 0\.12.*'pixel_scale'"):
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy))
+    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench_copy), pixel_scale=0.3, bands=["red"])
+    assert dm.split_spec.scale == (0.3,)
+
+
+def test_band_stats_values_are_part_of_the_dataset_key(bench_copy: Path) -> None:
+    before = GeoBenchDataModule(task="m-eurosat", root=str(bench_copy), normalization="minmax").dataset_key
+    path = eurosat_dir(bench_copy) / "band_stats.json"
+    stats = json.loads(path.read_text())
+    stats["04 - Red"]["max"] += 100
+    path.write_text(json.dumps(stats))
+    assert (
+        GeoBenchDataModule(task="m-eurosat", root=str(bench_copy), normalization="minmax").dataset_key
+        != before
+    )
+
+
+@pytest.mark.parametrize(("batch_size", "expected"), [(8, [4]), (3, [4]), (2, [2, 2]), (1, [1, 1, 1, 1])])
+def test_split_smaller_than_a_batch_trains_and_a_batch_of_one_is_merged(
+    bench: Path, batch_size, expected
+) -> None:
+    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench), batch_size=batch_size)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    sizes = [len(batch["sample"]) for batch in loader]
+    assert sorted(sizes) == expected and len(loader) == len(expected)
+    assert sorted(name for batch in loader for name in batch["sample"]) == sorted(
+        r.name for r in dm.train_dataset.records
+    )
+
+
+def test_small_label_partition_fits_under_lightning(bench: Path, tmp_path: Path) -> None:
+    """0.50x partition: 2 samples, batch 32 (the paper's): training runs a step instead of none."""
+    from lightning.pytorch import Trainer
+
+    from tests.test_difuser_module import small_module
+
+    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench), train_fraction=0.5, image_size=32)
+    module = small_module("classification", num_classes=10)
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 1
+
+
+def test_predict_split_all_covers_every_split(bench: Path) -> None:
+    dm = GeoBenchDataModule(task="m-eurosat", root=str(bench), predict_split="all")
+    dm.setup("predict")
+    assert len(dm.predict_dataset) == 6

@@ -211,6 +211,18 @@ def test_masks_min_keep_and_validation():
         MultiBlockMaskGenerator(context_scale=(0.7, 1.2))
 
 
+def test_masks_take_their_grid_later_and_check_it_then():
+    masks = MultiBlockMaskGenerator(target_scale=(0.01, 0.02), min_keep=6)  # no grid yet: nothing to check
+    with pytest.raises(ValueError, match="no grid_size"):
+        masks(2)
+    with pytest.raises(ValueError, match="min_keep=6"):
+        masks.set_grid_size(16)
+    masks = MultiBlockMaskGenerator(min_keep=1)
+    masks.set_grid_size(8)
+    context, target = masks(2, torch.Generator().manual_seed(0))
+    assert int(context.max()) < 64 and int(target.max()) < 64
+
+
 def test_masks_union_of_blocks_and_reproducibility():
     masks = MultiBlockMaskGenerator(grid_size=8, num_target_blocks=3, min_keep=1)
     first = masks(5, torch.Generator().manual_seed(3))

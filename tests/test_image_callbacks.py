@@ -142,11 +142,15 @@ def test_unset_images_warn_and_save_nothing(tmp_path):
     assert not (tmp_path / "images").exists()
 
 
-def test_run_directory_follows_the_logger(tmp_path):
-    fit = trainer(tmp_path, logger=CSVLogger(tmp_path / "logs", name="satdiff"), max_epochs=1)
+def test_images_go_to_the_run_folder_whatever_the_logger(tmp_path):
+    """The run folder is ``default_root_dir`` (the CLI's ``runs/<config>/<time>``), not the logger's version folder,
+    so images sit beside the checkpoints and results."""
+    logger = CSVLogger(tmp_path / "logs", name="satdiff")
+    fit = trainer(tmp_path, logger=logger, callbacks=[ForecastImageCallback()], max_epochs=1)
     fit.fit(TinyForecaster(), loader(), loader())
-    assert run_directory(fit) == tmp_path / "logs" / "satdiff" / "version_0"
-    assert run_directory(trainer(tmp_path)) == tmp_path
+    assert run_directory(fit) == tmp_path
+    assert (tmp_path / "images" / "epoch_000.png").is_file()
+    assert not (tmp_path / "logs" / "satdiff" / "version_0" / "images").exists()
 
 
 def test_rollout_strip_puts_truth_over_forecast():
@@ -168,6 +172,7 @@ def test_save_and_log_image_logs_to_wandb(tmp_path, monkeypatch):
     path = save_and_log_image(
         strip, tmp_path / "rollouts" / "strip.png", [logger], key="test/rollout", step=3
     )
-    assert Image.open(path).size == strip.size
+    with Image.open(path) as written:
+        assert written.size == strip.size
     assert len(calls) == 1 and calls[0]["key"] == "test/rollout" and calls[0]["step"] == 3
     assert calls[0]["images"] == [strip]

@@ -28,6 +28,7 @@ from metrics.forecast import (
 from tests.fixtures.make_metric_weights import write_random_inception, write_vgg16_features
 
 BASE_KEYS = {"l1", "mse", "psnr", "ssim", "gssim"}
+COLLECTION_KEYS = BASE_KEYS | {"partial_windows"}
 
 
 def smooth_images(batch: int, size: int = 48, seed: int = 0) -> torch.Tensor:
@@ -171,7 +172,7 @@ def test_collection_matches_functional_over_batches():
     metrics.update(preds[:2], target[:2])
     metrics.update(preds[2:], target[2:])
     values = metrics.compute()
-    assert set(values) == BASE_KEYS
+    assert set(values) == COLLECTION_KEYS and values["partial_windows"] == 0
     for key in BASE_KEYS:
         expected = getattr(functional, key)(preds, target)
         assert values[key].item() == pytest.approx(expected.item(), rel=1e-5), key
@@ -209,7 +210,7 @@ def test_clone_prefix_and_states_merge_like_ddp():
         assert rank0.compute().item() == pytest.approx(single.compute().item(), rel=1e-6)
     with pytest.warns(UserWarning):
         val = ForecastMetrics().clone(prefix="val/")
-    assert set(val(preds, target)) == {f"val/{key}" for key in BASE_KEYS}
+    assert set(val(preds, target)) == {f"val/{key}" for key in COLLECTION_KEYS}
 
 
 # ----- FID --------------------------------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def lpips_metrics(tmp_path_factory):
 
 def test_lpips_from_local_vgg_file(lpips_metrics):
     metrics, vgg_file = lpips_metrics
-    assert set(metrics.keys()) == BASE_KEYS | {"lpips"}
+    assert set(metrics.keys()) == COLLECTION_KEYS | {"lpips"}
     lpips = metrics["lpips"].clone()
     source = torch.load(vgg_file, weights_only=True)
     assert torch.equal(lpips.net.net.slice1[0].weight, source["features.0.weight"])
@@ -320,6 +321,19 @@ def test_lpips_from_local_vgg_file(lpips_metrics):
     lpips.reset()
     lpips.update(perturbed(images, noise=0.2).float() + 0.1, images)  # out-of-range values are clamped
     assert lpips.compute().item() > 0
+
+
+def test_lpips_scores_fully_valid_windows_only(lpips_metrics):
+    metrics, _ = lpips_metrics
+    target = smooth_images(2, size=32).float()
+    preds = perturbed(target, noise=0.2).float()
+    mask = torch.ones(2, 32, 32, dtype=torch.bool)
+    mask[0, 4:10, 4:10] = False
+    holed, alone = metrics["lpips"].clone(), metrics["lpips"].clone()
+    holed.update(preds, target, mask=mask)
+    alone.update(preds[1:], target[1:])
+    assert int(holed.left_out) == 1 and int(holed.num_samples) == 1
+    assert holed.compute().item() == pytest.approx(alone.compute().item())
 
 
 def test_lpips_is_shared_by_clones_and_not_checkpointed(lpips_metrics):

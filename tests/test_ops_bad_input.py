@@ -68,22 +68,25 @@ def test_inf_pixels_are_invalid_like_nan(tmp_path, kind):
     assert not valid[INF_PIXEL], f"an Inf pixel of {path} is marked valid"
 
 
-def test_forecast_config_with_missing_sd3_folder_names_the_key(monkeypatch):
+def test_forecast_config_with_missing_sd3_folder_names_the_key(monkeypatch, capsys):
     monkeypatch.chdir(REPO_ROOT)  # the paths of configs/forecast.yaml are relative to the repository
     assert not (REPO_ROOT / "models" / "stable-diffusion-3.5-medium").exists()
     args = ["fit", "--config", str(REPO_ROOT / "configs" / "forecast.yaml"), *QUIET]
     args += ["--data.init_args.root", str(DEMO_DATA), "--trainer.accelerator", "cpu"]
-    with pytest.raises(ValueError, match=r"config key 'clip_l_path': model folder not found"):
+    with pytest.raises(SystemExit):  # the CLI's last line names the key
         main(args)
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "config key 'clip_l_path': model folder not found" in last_line
 
 
 @pytest.mark.parametrize("key", ["lpips_weights", "fid_weights"])
-def test_missing_metric_weights_name_the_key_before_training(tmp_path, key):
+def test_missing_metric_weights_name_the_key_before_training(tmp_path, key, capsys):
     args = ["fit", "--config", str(TINY / "simvp.yaml"), "--data.init_args.root", str(DEMO_DATA), *QUIET]
     args += [f"--model.init_args.{key}", str(tmp_path / "absent.pth")]
     args += ["--trainer.default_root_dir", str(tmp_path)]
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(SystemExit):  # the CLI's last line names the key
         main(args)
+    assert key in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "checkpoints").exists(), "training started"
 
 
@@ -134,3 +137,24 @@ def test_full_disk_while_predicting_keeps_earlier_predictions_and_leaves_no_half
         with rasterio.open(path) as src:
             data = src.read()
         assert data.shape == (3, 64, 64) and np.isfinite(data).all() and data.max() > 0
+
+
+def test_unwritable_predictions_folder_fails_before_the_first_forecast(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the predictions folder should go")  # unwritable even for root
+    out = blocker / "predictions"
+    args = ["predict", "--config", str(TINY / "persistence.yaml"), "--data.init_args.root", str(DEMO_DATA)]
+    args += [*QUIET, "--trainer.limit_predict_batches", "1", "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--model.init_args.predict_dir", str(out)]
+    forecasts = []
+    real_predict_next = forecast_task.ForecastTask.predict_next
+
+    def recording_predict_next(self, *args, **kwargs):
+        forecasts.append(1)
+        return real_predict_next(self, *args, **kwargs)
+
+    monkeypatch.setattr(forecast_task.ForecastTask, "predict_next", recording_predict_next)
+    with pytest.raises(OSError, match=r"predict_dir") as failure:
+        main(args)
+    assert str(out) in str(failure.value)
+    assert not forecasts, "the folder was checked only once predicting had started"

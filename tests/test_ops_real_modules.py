@@ -33,9 +33,10 @@ def _last(root: Path) -> dict:
     return torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
 
 
-def test_simvp_mid_epoch_resume_matches_uninterrupted_run(tmp_path):
-    # Random training crops come from the global torch RNG and the order from ExactResume's sampler, so an exact
-    # match needs both restored; the EMA state and AdamW moments must carry over too.
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_simvp_mid_epoch_resume_matches_uninterrupted_run(tmp_path, num_workers):
+    # Random training crops (loaded in workers, or in the process) and the data order must not depend on the restart;
+    # the EMA state and AdamW moments must carry over too.
     operations = tmp_path / "operations.yaml"
     operations.write_text(
         yaml.safe_dump(
@@ -49,7 +50,8 @@ def test_simvp_mid_epoch_resume_matches_uninterrupted_run(tmp_path):
                         {"class_path": "callbacks.TrainableEMA", "init_args": {"decay": 0.9}},
                         {"class_path": "callbacks.LastCheckpoint", "init_args": {"every_n_train_steps": 3}},
                     ],
-                }
+                },
+                "data": {"init_args": {"num_workers": num_workers}},
             }
         )
     )
@@ -135,3 +137,34 @@ def test_gradient_checkpointing_switch_keeps_loss_and_gradients(monkeypatch):
     assert set(checkpointed_grads) == set(plain_grads)
     assert any(name.startswith("encoder.") for name in plain_grads)
     torch.testing.assert_close(checkpointed_grads, plain_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_ema_averages_the_difuser_head_built_in_configure_model(tmp_path):
+    # DiFuserModule creates its head in configure_model, after the callbacks' setup: the average must include it.
+    from tests.fixtures.make_geobench import write_eurosat
+
+    root = tmp_path / "geobench"
+    write_eurosat(root)
+    operations = tmp_path / "operations.yaml"
+    operations.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "max_steps": 3,
+                    "callbacks": [{"class_path": "callbacks.TrainableEMA", "init_args": {"decay": 0.9}}],
+                }
+            }
+        )
+    )
+    args = ["fit", "--config", str(TINY / "difuser_cls.yaml"), "--config", str(operations), *QUIET]
+    args += ["--data.init_args.root", str(root), "--trainer.default_root_dir", str(tmp_path / "run")]
+    cli = main(args)
+    assert cli.trainer.global_step == 3
+    checkpoint = _last(tmp_path / "run")
+    trainable = {name for name, p in cli.model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("head.") for name in trainable)
+    assert set(checkpoint["ema"]["weights"]) == trainable
+    assert not torch.equal(
+        checkpoint["state_dict"]["head.classifier.weight"],
+        checkpoint["ema"]["weights"]["head.classifier.weight"],
+    )

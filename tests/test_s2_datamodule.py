@@ -3,6 +3,7 @@
 import importlib.util
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,14 +71,33 @@ def test_split_is_by_region_and_seeded(tmp_path):
     assert len(val_by_seed) > 1
 
 
-def test_default_test_split_is_the_validation_regions(tmp_path):
+def test_default_split_keeps_test_regions_apart_from_validation(tmp_path):
     make_s2_dataset(tmp_path, embeddings=False)
     dm = make_dm(tmp_path)
     dm.setup("fit")
     dm.setup("test")
     summary = dm.dataset_summary()
-    assert summary["test"]["regions"] == summary["val"]["regions"]
-    assert len(summary["val"]["regions"]) == 1 and len(summary["train"]["regions"]) == 4
+    train, val, test = (set(summary[s]["regions"]) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (3, 1, 1)
+    assert not (train & val or train & test or val & test)
+    assert {s["region"] for s in all_samples(dm.test_dataset)} == test
+
+
+def test_paper_split_warns_that_test_is_validation(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    three_way = make_dm(tmp_path)
+    three_way.setup("fit")
+    dm = make_dm(tmp_path, test_fraction=0)
+    with pytest.warns(UserWarning, match="test split the validation regions"):
+        dm.setup("fit")
+    dm.setup("test")
+    summary = dm.dataset_summary()
+    assert (
+        summary["test"]["regions"]
+        == summary["val"]["regions"]
+        == three_way.dataset_summary()["val"]["regions"]
+    )
+    assert len(summary["train"]["regions"]) == 4
     assert len(dm.test_dataset) == len(dm.val_dataset) == 2 * 9
 
 
@@ -125,25 +145,61 @@ def test_batches_follow_the_contract(tmp_path):
     assert batch["mask"].shape == (3, PATCH, PATCH) and batch["mask"].dtype == torch.bool
     assert batch["embedding"].shape == (3, 64, PATCH, PATCH)
     assert batch["has_embedding"].dtype == torch.bool and batch["has_embedding"].shape == (3,)
+    assert batch["owned"].shape == (3, PATCH, PATCH) and batch["owned"].all()  # crops: every pixel their own
     for key in ("region", "time", "target_time", "crs"):
         assert isinstance(batch[key], list) and all(isinstance(v, str) for v in batch[key])
     assert all(isinstance(t, tuple) and len(t) == 6 for t in batch["transform"])
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
 
 
-def test_random_crops_follow_torch_seed(tmp_path):
+def crops(dataset, keys) -> list[tuple]:
+    return [dataset[key]["transform"] for key in keys]
+
+
+def test_random_crops_follow_seed_epoch_and_index_only(tmp_path):
     make_s2_dataset(tmp_path, embeddings=False)
     dm = make_dm(tmp_path)
     dm.setup("fit")
+    dataset = dm.train_dataset
+    indices = range(len(dataset))
+    torch.manual_seed(0)
+    first = crops(dataset, indices)
+    torch.manual_seed(1)  # the global RNG (worker seeds, restarts) plays no part
+    assert crops(dataset, indices) == first
+    assert crops(dataset, [(0, i) for i in indices]) == first
+    assert crops(dataset, reversed(indices)) == first[::-1]  # no state carried from sample to sample
+    dataset.set_epoch(1)
+    second = crops(dataset, indices)
+    assert second != first and crops(dataset, [(1, i) for i in indices]) == second
+    other_seed = make_dm(tmp_path, seed=0)
+    other_seed.setup("fit")
+    other_seed.train_dataset.seed = 5
+    assert crops(other_seed.train_dataset, indices) != first
+    assert len({window_offset(dataset[i]) for i in indices}) > 9  # crops, not just the grid
 
-    def draw(seed):
-        torch.manual_seed(seed)
-        return [s["transform"] for s in all_samples(dm.train_dataset)]
 
-    assert draw(0) == draw(0)
-    assert draw(0) != draw(1)
-    offsets = {window_offset(s) for s in all_samples(dm.train_dataset)}
-    assert len(offsets) > 9  # crops, not just the grid
+def test_crops_do_not_depend_on_the_worker_that_loads_them(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    keys = [(3, i) for i in range(len(dm.train_dataset))]
+
+    def load(workers: int) -> list[tuple]:
+        loader = torch.utils.data.DataLoader(
+            dm.train_dataset, batch_size=4, sampler=keys, num_workers=workers, collate_fn=collate_s2
+        )
+        return [t for batch in loader for t in batch["transform"]]
+
+    assert load(2) == load(0) == crops(dm.train_dataset, keys)
+
+
+def test_train_loader_gives_the_dataset_the_trainer_epoch(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(current_epoch=4)
+    next(iter(dm.train_dataloader()))
+    assert dm.train_dataset.epoch == 4
 
 
 def test_wrong_scale_is_caught_naming_file_and_key(tmp_path):
@@ -243,16 +299,15 @@ def test_training_crops_avoid_invalid_areas(tmp_path):
                 data = src.read()
             data[:, :, : WIDTH // 2] = 0  # left half is nodata everywhere
             write_raster(path, data, region_transform(region_index), nodata=0)
-    dm = make_dm(tmp_path, val_fraction=0.5, max_invalid_fraction=0.0)
+    dm = make_dm(tmp_path, val_fraction=0.5, test_fraction=0, max_invalid_fraction=0.0)
     with pytest.warns(UserWarning, match="skipped windows"):
         dm.setup("fit")
-    torch.manual_seed(0)
     samples = all_samples(dm.train_dataset)
     assert len(samples) == 2 * 3  # 3 fully valid grid windows per pair (right column), 2 pairs
     assert all(s["mask"].all() and window_offset(s)[1] >= WIDTH // 2 for s in samples)
 
 
-def test_missing_embedding_gives_zeros_and_flag(tmp_path):
+def test_missing_embedding_gives_flag_and_zeros_only_in_mixed_batches(tmp_path):
     make_s2_dataset(tmp_path)
     probe = make_dm(tmp_path)
     probe.setup("fit")
@@ -264,9 +319,20 @@ def test_missing_embedding_gives_zeros_and_flag(tmp_path):
     for sample in samples:
         has = sample["target_time"] != "2021"
         assert bool(sample["has_embedding"]) == has
-        assert (sample["embedding"] != 0).any() == has
+        assert ("embedding" in sample) == has
     batch = collate_s2(samples[:2] + samples[-2:])
     assert batch["has_embedding"].tolist() == [True, True, False, False]
+    assert (batch["embedding"][:2] != 0).any() and (batch["embedding"][2:] == 0).all()
+    assert "embedding" not in collate_s2(samples[-2:])
+
+
+def test_without_embedding_files_no_placeholder_is_built(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    assert not dm.train_dataset.has_embeddings
+    batch = next(iter(dm.train_dataloader()))
+    assert "embedding" not in batch and not batch["has_embedding"].any()
 
 
 def test_history_two(tmp_path):
@@ -304,9 +370,9 @@ def test_empty_split_raises_naming_the_split(tmp_path):
     make_s2_dataset(tmp_path, regions=REGIONS[:1], embeddings=False)
     with pytest.raises(S2DataError, match="split 'train' is empty"):
         make_dm(tmp_path).setup("fit")
-    make_s2_dataset(tmp_path, regions=REGIONS[:2], embeddings=False)
+    make_s2_dataset(tmp_path, regions=REGIONS[:3], embeddings=False)
     with pytest.raises(S2DataError, match="batch_size=19"):
-        make_dm(tmp_path, val_fraction=0.5, batch_size=19).setup("fit")  # 2 pairs x 9 windows in train
+        make_dm(tmp_path, batch_size=19).setup("fit")  # 1 train region: 2 pairs x 9 windows
     with pytest.raises(S2DataError, match="config key root"):
         make_dm(tmp_path / "missing").setup("fit")
     with pytest.warns(UserWarning, match="time_regex"), pytest.raises(S2DataError, match="no usable region"):
@@ -332,7 +398,7 @@ def test_sequence_mode_yields_whole_series(tmp_path):
 
 def test_holdout_last_step(tmp_path):
     make_s2_dataset(tmp_path, embeddings=False)
-    dm = make_dm(tmp_path, holdout_last_step=True)
+    dm = make_dm(tmp_path, holdout_last_step=True, test_fraction=0)
     dm.setup("fit")
     dm.setup("test")
     summary = dm.dataset_summary()
@@ -343,8 +409,13 @@ def test_holdout_last_step(tmp_path):
     assert all(s["target_time"] != last for s in all_samples(dm.val_dataset))
     torch.manual_seed(0)
     assert all(s["target_time"] != last for s in all_samples(dm.train_dataset))
-    with pytest.raises(S2DataError, match="test_fraction"):
-        make_dm(tmp_path, holdout_last_step=True, test_fraction=0.2)
+    with pytest.raises(S2DataError, match="test_fraction: 0"):
+        make_dm(tmp_path, holdout_last_step=True)
+
+
+def test_holdout_last_step_rollouts_are_rejected(tmp_path):
+    with pytest.raises(S2DataError, match="holdout_last_step and sequence"):
+        make_dm(tmp_path, holdout_last_step=True, test_fraction=0, sequence=True)
 
 
 def test_trainer_receives_unnormalised_reflectance(tmp_path):
@@ -371,13 +442,17 @@ def test_trainer_receives_unnormalised_reflectance(tmp_path):
     assert len(probe.maxima) == 2 and all(0.2 < m <= 0.3 for m in probe.maxima)
 
 
-def test_demo_data_loads():
+def test_demo_data_loads(tmp_path):
     dm = S2ForecastDataModule(
-        str(REPO_ROOT / "data" / "demo"), reflectance_scale=1e-4, patch_size=64, time_regex=r"t\d+"
+        str(REPO_ROOT / "data" / "demo"),
+        reflectance_scale=1e-4,
+        patch_size=64,
+        time_regex=r"t\d+",
+        cache_dir=str(tmp_path),
     )
     dm.setup("fit")
     summary = dm.dataset_summary()
-    assert len(summary["train"]["regions"]) + len(summary["val"]["regions"]) == 6
+    assert [len(summary[s]["regions"]) for s in ("train", "val", "test")] == [4, 1, 1]
     sample = dm.val_dataset[0]
     assert (sample["time"], sample["target_time"]) == ("t0", "t1") and not sample["has_embedding"]
     assert "32633" in sample["crs"]
@@ -397,3 +472,144 @@ def test_demo_converter_keeps_pixels_and_grid(tmp_path, shared_data):
         row, col = round(row), round(col)
         assert (row + tile.height, col + tile.width) == full.shape[1:] and tile.crs == crs
         np.testing.assert_array_equal(tile.read(), full[4:7, row:, col:])
+
+
+# ----- consecutive steps, manifest, bright pixels, offset, ownership ------------------------------------------
+def test_gap_years_are_not_paired(tmp_path):
+    make_s2_dataset(tmp_path, years=(2018, 2020, 2021), embeddings=False)
+    dm = make_dm(tmp_path)
+    with pytest.warns(UserWarning, match="pairs across a gap of more than time_step=1 dropped"):
+        dm.setup("fit")
+    summary = dm.dataset_summary()
+    assert summary["val"]["pairs"] == 1 and summary["val"]["gap_pairs"] == 1
+    assert summary["train"]["gap_pairs"] == len(summary["train"]["regions"])
+    assert {(s["time"], s["target_time"]) for s in all_samples(dm.val_dataset)} == {("2020", "2021")}
+    dm.setup("test")
+    rollouts = make_dm(tmp_path, sequence=True)
+    rollouts.setup("test")
+    assert {tuple(rollouts.test_dataset[i]["times"]) for i in range(len(rollouts.test_dataset))} == {
+        ("2020", "2021")
+    }
+    unchecked = make_dm(tmp_path, time_step=None)
+    unchecked.setup("fit")
+    assert unchecked.dataset_summary()["val"]["pairs"] == 2
+
+
+def test_time_keys_without_numbers_need_time_step_off(tmp_path):
+    for region_index, region in enumerate(REGIONS[:3]):
+        for key in ("spring", "summer"):
+            path = tmp_path / region / f"s2_rgb_{region}_{key}_10km.tif"
+            write_raster(path, np.full((3, HEIGHT, WIDTH), 1000, np.uint16), region_transform(region_index))
+    with pytest.raises(S2DataError, match="time_step"):
+        make_dm(tmp_path, time_regex="[a-z]+").setup("fit")
+    dm = make_dm(tmp_path, time_regex="[a-z]+", time_step=None)
+    dm.setup("fit")
+    assert dm.dataset_summary()["val"]["pairs"] == 1
+
+
+def forbid_pixel_reads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a file was read again although the manifest has it")
+
+    monkeypatch.setattr("datamodules.s2_timeseries.scan_file", refuse)
+
+
+def test_manifest_skips_reading_unchanged_files(tmp_path, monkeypatch):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_s2_dataset(data)
+    first = make_dm(data, cache_dir=str(cache))
+    first.prepare_data()
+    assert (cache / ".s2_validation_manifest.json").is_file()
+    with monkeypatch.context() as patch:
+        forbid_pixel_reads(patch)
+        second = make_dm(data, cache_dir=str(cache))
+        second.setup("fit")
+        second.setup("test")
+    first.setup("fit")
+    assert second.dataset_summary() == first.dataset_summary()
+    sample_first, sample_second = first.val_dataset[3], second.val_dataset[3]
+    torch.testing.assert_close(sample_first["mask"], sample_second["mask"])
+
+    region = first.dataset_summary()["val"]["regions"][0]
+    changed = rgb_path(data, region, 2021)
+    with rasterio.open(changed) as src:
+        pixels = src.read()
+    pixels[:, :PATCH, :PATCH] = 0
+    write_raster(changed, pixels, region_transform(REGIONS.index(region)), nodata=0)
+    scanned = []
+    original = __import__("datamodules.s2_timeseries", fromlist=["scan_file"]).scan_file
+    monkeypatch.setattr(
+        "datamodules.s2_timeseries.scan_file", lambda path, *a: scanned.append(path) or original(path, *a)
+    )
+    third = make_dm(data, cache_dir=str(cache))
+    with pytest.warns(UserWarning, match="skipped windows"):
+        third.setup("fit")
+    assert scanned == [changed]
+    assert third.dataset_summary()["val"]["skipped_windows"] == 1
+    scanned.clear()
+    make_dm(data, cache_dir=str(cache), reflectance_scale=2e-4).setup("fit")  # other scale: statistics redone
+    assert len(scanned) == len(REGIONS) * len(YEARS)
+
+
+def test_manifest_keeps_reporting_bad_files(tmp_path, monkeypatch):
+    bad_file = make_bad_case(tmp_path, "rgb_band_count")
+    with pytest.raises(S2DataError, match="bands"):
+        make_dm(tmp_path).setup("fit")
+    forbid_pixel_reads(monkeypatch)
+    with pytest.raises(S2DataError, match="bands") as error:
+        make_dm(tmp_path).setup("fit")
+    assert str(bad_file) in str(error.value)
+
+
+def brighten(path: Path, fraction_rows: int, value: int = 12000) -> None:
+    with rasterio.open(path) as src:
+        data, transform = src.read(), src.transform
+    data[:, :fraction_rows, :] = value
+    write_raster(path, data, transform)
+
+
+def test_bright_clouds_are_clipped_and_counted_misscaled_files_still_stop(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)
+    path = rgb_path(tmp_path, REGIONS[0], YEARS[0])
+    brighten(path, 1)  # one row of 40: 2.5% of the pixels above reflectance 1 (L1C clouds)
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    assert dm.dataset_summary()["clipped_files"] == {str(path): pytest.approx(1 / HEIGHT)}
+    with pytest.raises(S2DataError, match="max_saturated_fraction=0.01"):
+        make_dm(tmp_path, max_saturated_fraction=0.01).setup("fit")
+    make_s2_dataset(tmp_path / "raw", regions=REGIONS[:3], embeddings=False)
+    with pytest.raises(S2DataError, match="mis-scaled") as error:
+        make_dm(tmp_path / "raw", reflectance_scale=1.0, max_saturated_fraction=1.0).setup("fit")
+    assert "s2_rgb_" in str(error.value)
+
+
+def test_reflectance_offset_of_processing_baseline_4(tmp_path):
+    make_s2_dataset(tmp_path / "plain", regions=REGIONS[:3], embeddings=False)
+    make_s2_dataset(tmp_path / "offset", regions=REGIONS[:3], embeddings=False)
+    for region_index, region in enumerate(REGIONS[:3]):
+        for year in YEARS:
+            path = rgb_path(tmp_path / "offset", region, year)
+            with rasterio.open(path) as src:
+                data = src.read()
+            write_raster(path, data + np.uint16(1000), region_transform(region_index))
+    plain = make_dm(tmp_path / "plain")
+    shifted = make_dm(tmp_path / "offset", reflectance_offset=-1000)
+    for dm in (plain, shifted):
+        dm.setup("fit")
+    torch.testing.assert_close(shifted.val_dataset[0]["target"], plain.val_dataset[0]["target"])
+    unshifted = make_dm(tmp_path / "offset")
+    unshifted.setup("fit")
+    assert (unshifted.val_dataset[0]["target"] - plain.val_dataset[0]["target"]).mean() == pytest.approx(0.1)
+
+
+def test_grid_windows_own_every_pixel_once(tmp_path):
+    make_s2_dataset(tmp_path, embeddings=False)  # 40 x 48 px: windows at rows 0, 16, 24 and cols 0, 16, 32
+    dm = make_dm(tmp_path, sequence=True)
+    dm.setup("fit")
+    dm.setup("test")
+    for dataset, per_pixel in ((dm.val_dataset, 2), (dm.test_dataset, 1)):  # val: 2 pairs, test: 1 sequence
+        owned = np.zeros((HEIGHT, WIDTH), dtype=int)
+        for sample in all_samples(dataset):
+            row, col = window_offset(sample)
+            owned[row : row + PATCH, col : col + PATCH] += sample["owned"].numpy()
+        assert (owned == per_pixel).all()

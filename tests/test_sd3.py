@@ -149,7 +149,9 @@ def test_sampler_calls_transformer_num_steps_times(backbone):
     try:
         for steps in (1, 3):
             calls.clear()
-            latents = FlowMatching(strength=0.35, num_steps=steps).img2img(velocity, start)
+            latents = FlowMatching(strength=0.35, num_steps=steps).img2img(
+                velocity, start, torch.randn_like(start)
+            )
             assert len(calls) == steps
             assert latents.shape == start.shape
     finally:
@@ -174,22 +176,27 @@ def test_sampler_with_perfect_velocity_returns_clean_latent():
         return velocity_target(clean, noise)
 
     sampler = FlowMatching(strength=0.35, num_steps=20)
-    result = sampler.img2img(perfect_velocity, clean, generator=torch.Generator().manual_seed(7))
+    result = sampler.img2img(perfect_velocity, clean, noise)
     assert len(seen_sigmas) == 20 and seen_sigmas[0] == pytest.approx(0.35)
     torch.testing.assert_close(result, clean, atol=1e-5, rtol=0)
 
 
-def test_sampler_is_reproducible_with_a_seeded_generator():
+def test_sampler_is_a_function_of_the_given_noise():
     sampler = FlowMatching(num_steps=2)
     start = torch.randn(1, 4, 8, 8)
 
     def velocity(latents, sigmas):
         return latents * 0.5
 
-    first = sampler.img2img(velocity, start, torch.Generator().manual_seed(3))
-    second = sampler.img2img(velocity, start, torch.Generator().manual_seed(3))
-    third = sampler.img2img(velocity, start, torch.Generator().manual_seed(4))
+    def noise(seed: int) -> torch.Tensor:
+        return torch.randn(start.shape, generator=torch.Generator().manual_seed(seed))
+
+    first = sampler.img2img(velocity, start, noise(3))
+    second = sampler.img2img(velocity, start, noise(3))
+    third = sampler.img2img(velocity, start, noise(4))
     assert torch.equal(first, second) and not torch.equal(first, third)
+    with pytest.raises(ValueError, match="noise"):
+        sampler.img2img(velocity, start, torch.randn(2, 4, 8, 8))
 
 
 def test_flow_matching_identities():
@@ -241,3 +248,44 @@ def test_from_pretrained_loads_saved_folders(tmp_path, backbone):
     torch.testing.assert_close(loaded.vae.encoder.conv_in.weight, backbone.vae.encoder.conv_in.weight)
     base = loaded.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
     torch.testing.assert_close(base, backbone.transformer.transformer_blocks[0].attn.to_q.base_layer.weight)
+
+
+def test_bf16_transformer_trains_fp32_lora_that_moves_at_the_smallest_lr():
+    """bf16 base, fp32 LoRA: one AdamW step at the cosine tail's lr 1e-6 moves every LoRA entry with a gradient."""
+    backbone = build_tiny_backbone(transformer_dtype="bfloat16")
+    frozen = [p for p in backbone.transformer.parameters() if not p.requires_grad]
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    with torch.no_grad():  # a trained LoRA: B != 0, so lora_A gets gradients too
+        for name, param in backbone.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.02, generator=torch.Generator().manual_seed(0))
+    tokens, pooled = adapter_conditioning(backbone, 2)
+    latents = torch.randn(2, backbone.latent_channels, 8, 8)
+    velocity = backbone.velocity(latents, torch.full((2,), 0.5), tokens, pooled)
+    velocity.square().mean().backward()
+    before = [p.detach().clone() for p in trainable]
+    torch.optim.AdamW(trainable, lr=1e-6, weight_decay=0.0).step()
+    for param, old in zip(trainable, before, strict=True):
+        with_gradient = param.grad != 0
+        assert with_gradient.any()
+        assert (param.detach() != old)[with_gradient].all()
+
+
+def test_random_transformer_is_built_in_its_target_dtype(monkeypatch):
+    """No fp32 copy of a bf16 transformer is ever made (SD3.5 Medium: 11 GiB peak RSS otherwise)."""
+    import networks.sd3 as sd3
+
+    created = []
+
+    class RecordingTransformer(SD3Transformer2DModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            created.append({p.dtype for p in self.parameters()})
+
+    monkeypatch.setattr(sd3, "SD3Transformer2DModel", RecordingTransformer)
+    backbone = build_tiny_backbone(transformer_dtype="bfloat16")
+    assert created == [{torch.bfloat16}]
+    assert {b.dtype for b in backbone.transformer.buffers() if b.is_floating_point()} == {torch.bfloat16}
+    assert backbone.vae.dtype == torch.float32

@@ -4,7 +4,12 @@ Written from Wang et al., "PredRNN: A Recurrent Neural Network for Spatiotempora
 Each ST-LSTM cell keeps the usual temporal cell state ``c`` and a spatio-temporal memory ``m`` that flows upwards
 through the layers and then from the top layer at step t to the bottom layer at step t+1 (the causal memory).
 The memory-decoupling loss pushes the increments of ``c`` and ``m`` apart (|cosine| after a shared 1x1 adapter);
-its weighted value is left in ``aux_loss`` after every forward, for the training module to add.
+its unweighted value is left in ``aux_loss`` and its weight in ``aux_weight`` after every forward, for the training
+module to add (relative to the pixel loss, see ``BaselineForecastModule``).
+
+As in the paper, every step emits a forecast of the next frame (``next_frames``): with a k-frame history the
+first k - 1 outputs forecast the teacher-forced input frames 2..k, the last one the target, so training can
+supervise all k outputs.
 """
 
 from __future__ import annotations
@@ -57,8 +62,10 @@ class PredRNN(nn.Module):
     """PredRNN-V2: k frames ``(B, k, C, H, W)`` -> next frame ``(B, C, H, W)``.
 
     Frames are cut into ``patch_size`` x ``patch_size`` patches stacked as channels (as in the paper), so H and W
-    must be divisible by ``patch_size``. After each forward ``aux_loss`` holds ``decouple_weight`` times the
-    memory-decoupling loss (a scalar in the graph).
+    must be divisible by ``patch_size``. After each forward ``aux_loss`` holds the memory-decoupling loss (mean
+    |cosine|, a scalar in the graph) and ``aux_weight`` its weight ``decouple_weight``. The paper's 0.1 was
+    tuned against MNIST-scale MSE; ``BaselineForecastModule`` applies it relative to the pixel loss by default,
+    so at reflectance scale (MSE ~1e-3) the decoupling term cannot outweigh the forecast.
     """
 
     def __init__(
@@ -74,7 +81,7 @@ class PredRNN(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.hidden_channels = hidden_channels
-        self.decouple_weight = decouple_weight
+        self.aux_weight = decouple_weight
         patch_channels = channels * patch_size**2
         self.cells = nn.ModuleList(
             SpatioTemporalLSTMCell(
@@ -92,7 +99,8 @@ class PredRNN(nn.Module):
         delta_m = F.normalize(self.decouple_adapter(delta_m).flatten(2), dim=2)
         return (delta_c * delta_m).sum(dim=2).abs().mean()
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def next_frames(self, image: torch.Tensor) -> torch.Tensor:
+        """Forecast after every input frame: ``(B, k, C, H, W)``, entry t forecasting frame t+1 (the last: target)."""
         batch, frames, _, height, width = image.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
@@ -104,6 +112,7 @@ class PredRNN(nn.Module):
         cell = [zeros] * len(self.cells)
         memory = zeros
         decouple_terms = []
+        forecasts = []
         for t in range(frames):
             x = F.pixel_unshuffle(image[:, t], self.patch_size)
             for layer, lstm in enumerate(self.cells):
@@ -112,5 +121,9 @@ class PredRNN(nn.Module):
                 )
                 decouple_terms.append(self.decoupling(delta_c, delta_m))
                 x = hidden[layer]
-        self.aux_loss = self.decouple_weight * torch.stack(decouple_terms).mean()
-        return F.pixel_shuffle(self.readout(hidden[-1]), self.patch_size)
+            forecasts.append(F.pixel_shuffle(self.readout(hidden[-1]), self.patch_size))
+        self.aux_loss = torch.stack(decouple_terms).mean()
+        return torch.stack(forecasts, dim=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.next_frames(image)[:, -1]

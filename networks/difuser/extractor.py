@@ -1,9 +1,14 @@
 """Frozen diffusion feature extractor of SatDiFuser (DiffusionSat or SD 2.1 UNet, VAE and CLIP prompt).
 
 An image is encoded by the VAE (posterior mean, deterministic), DDIM-inverted (eta 0) to each selected timestep,
-and at every selected timestep the UNet's decoder (up) blocks are read with forward hooks: ResNet block outputs
-and self-attention (``attn1``) outputs, reshaped to ``(B, C, h, w)`` and grouped by resolution into a 4-level
-pyramid, finest first (contract in docs/DESIGN.md, "SatDiFuser contracts").
+and at every selected timestep the UNet's decoder (up) blocks are read with forward hooks: ResNet residual-branch
+outputs (``conv2``, the paper's "ResNet residual outputs"), whole ResNet block outputs (shortcut + residual) and
+self-attention (``attn1``) outputs, reshaped to ``(B, C, h, w)`` and grouped by resolution into a 4-level pyramid,
+finest first (contract in docs/DESIGN.md, "SatDiFuser contracts").
+
+Two entry points serve the feature cache's tiers: ``forward`` (image -> pyramid) and ``noisy_latents`` +
+``features_from_latents`` (image -> inverted latents at the selected timesteps, ~24 KB per 256 px sample; latents ->
+pyramid in one batched UNet call over all selected timesteps).
 
 The backbone is injected as a ``DiffusionBackbone`` (``class_path``): ``PretrainedDiffusionBackbone`` loads a local
 diffusers folder, ``RandomDiffusionBackbone`` builds the same classes with tiny random weights for tests.
@@ -28,7 +33,9 @@ from tokenizers.pre_tokenizers import ByteLevel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-BlockType = Literal["resnet", "attn"]
+BlockType = Literal["resnet_residual", "resnet_output", "attn"]
+BLOCK_TYPE_ORDER: tuple[BlockType, ...] = ("resnet_residual", "resnet_output", "attn")
+ComputeDtype = Literal["float32", "bfloat16"]
 PYRAMID_LEVELS = 4
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -222,6 +229,7 @@ class _CapturePoint:
     level: int
     index: int
     kind: BlockType
+    layer: int  # position among the level's blocks of the same kind
     module: nn.Module
     transformer: nn.Module | None  # the Transformer2DModel holding an attn1 (gives the spatial size)
 
@@ -229,21 +237,25 @@ class _CapturePoint:
 class DiffusionFeatureExtractor(nn.Module):
     """Frozen SatDiFuser extractor: images ``(B, C, H, W)`` in [0, 1] -> pyramid ``list[list[(B, C_j, h, w)]]``.
 
-    ``timesteps`` are sorted ascending (paper: 1, 100, 200); ``block_types`` picks ResNet block outputs and/or
-    self-attention outputs of the decoder blocks (within a level: for each layer, resnet then attn).
-    ``image_size`` resizes (bilinear) to the backbone's resolution (256 or 512 for DiffusionSat).
-    ``rgb_bands`` selects the 3 input channels the VAE needs when the data has more bands (red, green, blue order).
+    ``timesteps`` are sorted ascending (paper: 1, 100, 200); ``block_types`` picks decoder maps: ``resnet_residual``
+    (a ResNet's residual branch, ``conv2``: the paper's and the reference's choice, default), ``resnet_output``
+    (the whole ResnetBlock2D output: shortcut of the concatenated skip plus residual) and ``attn`` (self-attention);
+    within a level, for each layer, in that order. ``image_size`` resizes (bilinear, antialiased when shrinking) to
+    the backbone's resolution (256 or 512 for DiffusionSat). ``rgb_bands`` selects the 3 input channels the VAE needs
+    when the data has more bands (red, green, blue order). ``compute_dtype`` ``bfloat16`` runs the frozen VAE and
+    UNet under autocast (the DDIM arithmetic stays float32).
     """
 
     def __init__(
         self,
         backbone: DiffusionBackbone,
         timesteps: list[int] = [1, 100, 200],  # noqa: B006  (jsonargparse needs a literal default)
-        block_types: list[BlockType] = ["resnet", "attn"],  # noqa: B006
+        block_types: list[BlockType] = ["resnet_residual", "attn"],  # noqa: B006
         num_inversion_steps: int = 50,
         prompt: str = "A satellite image",
         image_size: int | None = None,
         rgb_bands: list[int] | None = None,
+        compute_dtype: ComputeDtype = "float32",
     ):
         super().__init__()
         parts = backbone.load()
@@ -253,10 +265,16 @@ class DiffusionFeatureExtractor(nn.Module):
             raise ValueError(f"extractor timesteps must be a non-empty list without repeats, got {timesteps}")
         if min(timesteps) < 0 or max(timesteps) >= num_train_timesteps:
             raise ValueError(f"extractor timesteps {timesteps} must lie in [0, {num_train_timesteps - 1}]")
-        if not block_types or len(set(block_types)) != len(block_types):
+        if (
+            not block_types
+            or len(set(block_types)) != len(block_types)
+            or set(block_types) - set(BLOCK_TYPE_ORDER)
+        ):
             raise ValueError(
-                f"extractor block_types must be a non-empty subset of [resnet, attn], got {block_types}"
+                f"extractor block_types must be a non-empty subset of {list(BLOCK_TYPE_ORDER)}, got {block_types}"
             )
+        if compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"extractor compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
         if num_inversion_steps < 1:
             raise ValueError(f"extractor num_inversion_steps must be >= 1, got {num_inversion_steps}")
         if scheduler_config.prediction_type not in SUPPORTED_PREDICTION_TYPES:
@@ -275,6 +293,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self.prediction_type = scheduler_config.prediction_type
         self.image_size = image_size
         self.rgb_bands = rgb_bands
+        self.compute_dtype = compute_dtype
         self.path = inversion_path(self.timesteps, num_inversion_steps, num_train_timesteps)
 
         self.unet = parts.unet
@@ -293,6 +312,12 @@ class DiffusionFeatureExtractor(nn.Module):
 
         self._capture_points = self._find_capture_points()
         self.feature_channels = self._feature_channels()
+        # per level, the (kind, layer) of each block of one timestep, in pyramid order (SingleFeature selects by it)
+        self.block_layout = [
+            [(p.kind, p.layer) for p in self._capture_points if p.level == level]
+            for level in range(PYRAMID_LEVELS)
+        ]
+        self.latent_channels = int(self.vae.config.latent_channels)
         self.cache_identity = hashlib.sha256(
             json.dumps(
                 {
@@ -303,6 +328,9 @@ class DiffusionFeatureExtractor(nn.Module):
                     "prompt": prompt,
                     "image_size": image_size,
                     "rgb_bands": rgb_bands,
+                    "compute_dtype": compute_dtype,
+                    # bumped when the same config computes other values (v2: antialiased shrinking, one call at t=0)
+                    "version": 2,
                     "scheduler": {k: v for k, v in scheduler_config.items() if not k.startswith("_")},
                     "weights": parts.weights_identity,
                 },
@@ -335,18 +363,27 @@ class DiffusionFeatureExtractor(nn.Module):
             )
         points: list[_CapturePoint] = []
         counts = [0] * PYRAMID_LEVELS
+        kind_counts = [dict.fromkeys(BLOCK_TYPE_ORDER, 0) for _ in range(PYRAMID_LEVELS)]
         for block, level in zip(up_blocks, levels, strict=True):
             attentions = list(getattr(block, "attentions", None) or [])
             for layer, resnet in enumerate(block.resnets):
-                candidates: list[tuple[BlockType, nn.Module, nn.Module | None]] = []
-                if "resnet" in self.block_types:
-                    candidates.append(("resnet", resnet, None))
-                if "attn" in self.block_types and layer < len(attentions):
+                candidates: list[tuple[BlockType, nn.Module, nn.Module | None]] = [
+                    ("resnet_residual", resnet.conv2, None),
+                    ("resnet_output", resnet, None),
+                ]
+                if layer < len(attentions):
                     transformer = attentions[layer]
                     candidates += [("attn", tb.attn1, transformer) for tb in transformer.transformer_blocks]
                 for kind, module, transformer in candidates:
-                    points.append(_CapturePoint(level, counts[level], kind, module, transformer))
+                    if kind not in self.block_types:
+                        continue
+                    points.append(
+                        _CapturePoint(
+                            level, counts[level], kind, kind_counts[level][kind], module, transformer
+                        )
+                    )
                     counts[level] += 1
+                    kind_counts[level][kind] += 1
         empty = [level for level in range(PYRAMID_LEVELS) if counts[level] == 0]
         if empty:
             raise ValueError(
@@ -357,7 +394,7 @@ class DiffusionFeatureExtractor(nn.Module):
     def _feature_channels(self) -> list[list[int]]:
         per_level: list[list[int]] = [[] for _ in range(PYRAMID_LEVELS)]
         for point in self._capture_points:
-            channels = point.module.out_channels if point.kind == "resnet" else point.module.out_dim
+            channels = point.module.out_dim if point.kind == "attn" else point.module.out_channels
             per_level[point.level].append(int(channels))
         return [channels * self.num_timesteps for channels in per_level]
 
@@ -397,10 +434,14 @@ class DiffusionFeatureExtractor(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def predict(self, sample: torch.Tensor, timestep: int) -> torch.Tensor:
-        """The UNet output (eps or v, as the scheduler says) for the fixed prompt."""
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == "bfloat16")
+
+    def predict(self, sample: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
+        """The UNet output (eps or v, as the scheduler says) for the fixed prompt, in float32."""
         condition = self.prompt_embeds.expand(sample.shape[0], -1, -1).to(sample.dtype)
-        return self.unet(sample, timestep, encoder_hidden_states=condition).sample
+        with self._autocast(sample.device):
+            return self.unet(sample, timestep, encoder_hidden_states=condition).sample.float()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> VAE posterior mean x scaling factor (deterministic latents)."""
@@ -423,36 +464,42 @@ class DiffusionFeatureExtractor(nn.Module):
                 f"extractor expects images in [0, 1] (min-max normalised), got values in [{low:.3g}, {high:.3g}]"
             )
         if self.image_size is not None and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            shrinking = min(images.shape[-2:]) > self.image_size
             images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+                images,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=shrinking,
             )
-        posterior = self.vae.encode(images * 2 - 1).latent_dist
-        return posterior.mean * self.vae.config.scaling_factor
+        with self._autocast(images.device):
+            posterior = self.vae.encode(images * 2 - 1).latent_dist
+        return posterior.mean.float() * self.vae.config.scaling_factor
 
     def _invert(self, latents: torch.Tensor, capture: bool) -> tuple[dict[int, torch.Tensor], list]:
         """DDIM inversion along ``self.path``; returns the noisy latents at the selected timesteps and, when
-        ``capture``, the decoder maps read during the UNet call at each selected timestep (ascending)."""
+        ``capture``, the decoder maps read during the UNet call at each selected timestep (ascending).
+
+        The clean latent stands for the sample at the path's first timestep (0 by default, where alpha_bar is
+        0.9991): one UNet call per visited timestep, none at the last unless its maps are read."""
         selected = set(self.timesteps)
         noisy: dict[int, torch.Tensor] = {}
         captured = []
-        sample = latents
-        alpha = torch.ones((), device=latents.device)
-        model_output = self.predict(
-            sample, self.path[0]
-        )  # the clean latent is conditioned on the first timestep
+        sample, model_output = latents, None
         for position, timestep in enumerate(self.path):
-            sample = ddim_step(
-                sample, model_output, alpha, self.alphas_cumprod[timestep], self.prediction_type
-            )
-            alpha = self.alphas_cumprod[timestep]
+            if model_output is not None:
+                alpha_from = self.alphas_cumprod[self.path[position - 1]]
+                sample = ddim_step(
+                    sample, model_output, alpha_from, self.alphas_cumprod[timestep], self.prediction_type
+                )
             if timestep in selected:
                 noisy[timestep] = sample
-            is_last = position == len(self.path) - 1
+            model_output = None
             if capture and timestep in selected:
                 with self._capture() as maps:
                     model_output = self.predict(sample, timestep)
                 captured.append(maps)
-            elif not is_last:
+            elif position < len(self.path) - 1:
                 model_output = self.predict(sample, timestep)
         return noisy, captured
 
@@ -461,15 +508,39 @@ class DiffusionFeatureExtractor(nn.Module):
         """The DDIM-inverted latents at each selected timestep (no features read)."""
         return self._invert(latents, capture=False)[0]
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
-        latents = self.encode(images)
-        _, captured = self._invert(latents, capture=True)
+    def _pyramid(self, captured: list[list[list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
+        """Per-timestep maps -> the timestep-major pyramid of the contract."""
         return [
             [
                 captured[t][level][index]
-                for t in range(self.num_timesteps)
+                for t in range(len(captured))
                 for index in range(len(captured[t][level]))
             ]
             for level in range(PYRAMID_LEVELS)
         ]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        latents = self.encode(images)
+        _, captured = self._invert(latents, capture=True)
+        return self._pyramid(captured)
+
+    @torch.no_grad()
+    def noisy_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """The inverted latents at the selected timesteps, ``(B, T, C, h, w)`` (the latent cache tier)."""
+        noisy = self.invert(self.encode(images))
+        return torch.stack([noisy[t] for t in self.timesteps], dim=1)
+
+    @torch.no_grad()
+    def features_from_latents(self, noisy: torch.Tensor) -> list[list[torch.Tensor]]:
+        """The pyramid from ``noisy_latents``: one hooked UNet call on the selected timesteps as one batch."""
+        batch, steps = noisy.shape[:2]
+        if steps != self.num_timesteps:
+            raise ValueError(f"got latents at {steps} timesteps, the extractor selects {self.num_timesteps}")
+        sample = noisy.transpose(0, 1).reshape(steps * batch, *noisy.shape[2:])
+        timesteps = torch.tensor(self.timesteps, device=noisy.device).repeat_interleave(batch)
+        with self._capture() as maps:
+            self.predict(sample.float(), timesteps)
+        return self._pyramid(
+            [[[m[t * batch : (t + 1) * batch] for m in level] for level in maps] for t in range(steps)]
+        )

@@ -4,18 +4,21 @@ Every fusion maps a 4-level pyramid (``pyramid[level][j]``, entries timestep-maj
 timestep, ``j % blocks_in_level`` the block; see docs/DESIGN.md) to 4 maps of ``out_channels``. Each is built as
 ``Fusion(feature_channels, num_timesteps, **config)`` so the extractor supplies the channel layout and the config
 only the fusion's own hyperparameters. After each forward, ``aux_loss`` holds a scalar in the autograd graph that
-the training loss must add (MoE load balancing; zero for the others).
+the training loss must add (MoE load balancing; zero for the others). ``SingleFeature`` also takes the extractor's
+``block_layout`` (the kind and layer of each block), which the module passes to fusions that accept it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 FeatureChannels = list[list[int]]
+BlockLayout = list[list[tuple[str, int]]]
 
 
 def _group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
@@ -91,22 +94,44 @@ class _ProjectedFusion(nn.Module):
 
 
 class GlobalWeightedFusion(_ProjectedFusion):
-    """Eq. 1: a learnable scalar per (timestep, block) and level, softmax-normalised over the level's maps."""
+    """Eq. 1: a learnable scalar per (timestep, block) and level, softmax-normalised.
 
-    def __init__(self, feature_channels: FeatureChannels, num_timesteps: int, **kwargs):
+    ``weight_normalization`` ``global`` (default, as the reference code behind the paper's numbers) takes one
+    softmax over every (timestep, block) pair of every level, so levels compete for weight; ``level`` normalises
+    each level's weights separately (every fused level is then a convex combination of its maps).
+    """
+
+    def __init__(
+        self,
+        feature_channels: FeatureChannels,
+        num_timesteps: int,
+        weight_normalization: Literal["global", "level"] = "global",
+        **kwargs,
+    ):
         super().__init__(feature_channels, num_timesteps, **kwargs)
+        if weight_normalization not in ("global", "level"):
+            raise ValueError(
+                f"weight_normalization must be 'global' or 'level', got {weight_normalization!r}"
+            )
+        self.weight_normalization = weight_normalization
         self.logits = nn.ParameterList(
             nn.Parameter(torch.zeros(len(channels))) for channels in feature_channels
         )
 
+    def weights(self) -> list[Tensor]:
+        """Per level, the weight of each of its maps."""
+        if self.weight_normalization == "level":
+            return [logits.softmax(dim=0) for logits in self.logits]
+        joint = torch.cat(list(self.logits)).softmax(dim=0)
+        return list(joint.split([len(logits) for logits in self.logits]))
+
     def level_weights(self, level: int) -> Tensor:
-        return self.logits[level].softmax(dim=0)
+        return self.weights()[level]
 
     def forward(self, pyramid: list[list[Tensor]]) -> list[Tensor]:
         fused = []
-        for level, maps in enumerate(pyramid):
-            weights = self.level_weights(level).view(1, -1, 1, 1, 1)
-            fused.append((weights * self.project(level, maps)).sum(dim=1))
+        for level, (maps, weights) in enumerate(zip(pyramid, self.weights(), strict=True)):
+            fused.append((weights.view(1, -1, 1, 1, 1) * self.project(level, maps)).sum(dim=1))
         self.aux_loss = fused[0].new_zeros(())
         return fused
 
@@ -145,9 +170,8 @@ class LocalizedWeightedFusion(_ProjectedFusion):
 class MixtureOfExpertsLayer(nn.Module):
     """Experts over one level's concatenated block features, routed per image (conv gate + global pooling).
 
-    Routing is dense (softmax over all experts) for ``dense_warmup_steps`` training forwards, then top-k: only the k
-    best experts run for each image and their gate values are renormalised. The step counter advances in training
-    only, so validation never changes when routing turns sparse.
+    Routing is dense (softmax over all experts) unless ``sparse``: then only the ``top_k`` best experts run for each
+    image and their gate values are renormalised.
     """
 
     def __init__(
@@ -156,7 +180,6 @@ class MixtureOfExpertsLayer(nn.Module):
         out_channels: int,
         num_experts: int = 8,
         top_k: int = 2,
-        dense_warmup_steps: int = 500,
         bottleneck_channels: int = 96,
     ):
         super().__init__()
@@ -164,23 +187,17 @@ class MixtureOfExpertsLayer(nn.Module):
             raise ValueError(f"top_k={top_k} must lie in [1, num_experts={num_experts}]")
         self.num_experts = num_experts
         self.top_k = top_k
-        self.dense_warmup_steps = dense_warmup_steps
         self.experts = nn.ModuleList(
             BottleneckProjection(in_channels, out_channels, bottleneck_channels) for _ in range(num_experts)
         )
         self.gate = nn.Sequential(
             nn.Conv2d(in_channels, num_experts, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
-        self.register_buffer("routing_step", torch.zeros((), dtype=torch.long))
 
-    @property
-    def sparse(self) -> bool:
-        return int(self.routing_step) >= self.dense_warmup_steps
-
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def route(self, x: Tensor, sparse: bool) -> tuple[Tensor, Tensor]:
         """Gate weights ``(B, E)`` (zero for unrouted experts) and the dense probabilities for load balancing."""
         probs = self.gate(x).softmax(dim=-1)
-        if not self.sparse:
+        if not sparse:
             return probs, probs
         top_values, top_index = probs.topk(self.top_k, dim=-1)
         weights = torch.zeros_like(probs).scatter(
@@ -188,8 +205,8 @@ class MixtureOfExpertsLayer(nn.Module):
         )
         return weights, probs
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        weights, probs = self.route(x)
+    def forward(self, x: Tensor, sparse: bool) -> tuple[Tensor, Tensor]:
+        weights, probs = self.route(x, sparse)
         output = None
         for e, expert in enumerate(self.experts):
             rows = weights[:, e].nonzero(as_tuple=True)[0]
@@ -203,13 +220,17 @@ class MixtureOfExpertsLayer(nn.Module):
         routed = (weights > 0).float()
         routed_share = routed.sum(dim=0) / routed.sum()
         balance = self.num_experts * (routed_share * probs.mean(dim=0)).sum()
-        if self.training:
-            self.routing_step += 1
         return output, balance
 
 
 class MoEFusion(nn.Module):
-    """Sec. 3.4: per level and timestep, concatenate the block features, one shared MoE layer, sum over timesteps."""
+    """Sec. 3.4: per level and timestep, concatenate the block features, one shared MoE layer, sum over timesteps.
+
+    Routing is dense for the first ``dense_warmup_steps`` optimizer steps, then top-k. The step is told by the
+    training loop through ``set_training_step`` (``DiFuserModule`` passes ``trainer.global_step`` before each
+    batch), so the switch never falls inside a step, whatever the number of timesteps, gradient accumulation or
+    validation runs; it is stored with the module (a buffer) and so resumes with a checkpoint.
+    """
 
     def __init__(
         self,
@@ -225,29 +246,35 @@ class MoEFusion(nn.Module):
         super().__init__()
         self.num_timesteps = num_timesteps
         self.out_channels = out_channels
+        self.dense_warmup_steps = dense_warmup_steps
         self.balance_loss_weight = balance_loss_weight
         self.blocks_per_level = _blocks_per_level(feature_channels, num_timesteps)
         self.layers = nn.ModuleList(
             MixtureOfExpertsLayer(
-                sum(channels[:blocks]),
-                out_channels,
-                num_experts,
-                top_k,
-                dense_warmup_steps,
-                bottleneck_channels,
+                sum(channels[:blocks]), out_channels, num_experts, top_k, bottleneck_channels
             )
             for channels, blocks in zip(feature_channels, self.blocks_per_level, strict=True)
         )
+        self.register_buffer("routing_step", torch.zeros((), dtype=torch.long))
         self.aux_loss = torch.zeros(())
+
+    def set_training_step(self, step: int) -> None:
+        """The number of optimizer steps taken so far."""
+        self.routing_step.fill_(step)
+
+    @property
+    def sparse(self) -> bool:
+        return int(self.routing_step) >= self.dense_warmup_steps
 
     def forward(self, pyramid: list[list[Tensor]]) -> list[Tensor]:
         fused, balance_terms = [], []
+        sparse = self.sparse
         for level, maps in enumerate(pyramid):
             blocks = self.blocks_per_level[level]
             level_sum = None
             for t in range(self.num_timesteps):
                 joint = torch.cat(maps[t * blocks : (t + 1) * blocks], dim=1)
-                output, balance = self.layers[level](joint)
+                output, balance = self.layers[level](joint, sparse)
                 balance_terms.append(balance)
                 level_sum = output if level_sum is None else level_sum + output
             fused.append(level_sum)
@@ -256,14 +283,23 @@ class MoEFusion(nn.Module):
 
 
 class SingleFeature(nn.Module):
-    """Table 3's raw-feature baseline: one (timestep, block) map per level, linearly projected to the common width."""
+    """Table 3's raw-feature baseline: one (timestep, block) map per level, linearly projected to the common width.
+
+    The block is chosen by ``kind`` (``attn``, ``resnet_residual``, ``resnet_output``) and ``layer`` (its position
+    among the level's blocks of that kind) at ``timestep_index``, using the extractor's ``block_layout``. A level
+    that has no such block (SD's coarsest decoder level has no attention) is refused unless ``fallback_kind`` names
+    the kind to use there instead.
+    """
 
     def __init__(
         self,
         feature_channels: FeatureChannels,
         num_timesteps: int,
+        block_layout: BlockLayout | None = None,
+        kind: str = "attn",
+        layer: int = 0,
         timestep_index: int = 0,
-        block_index: int = 0,
+        fallback_kind: str | None = None,
         out_channels: int = 384,
     ):
         super().__init__()
@@ -272,17 +308,36 @@ class SingleFeature(nn.Module):
                 f"timestep_index={timestep_index} outside the {num_timesteps} selected timesteps"
             )
         blocks_per_level = _blocks_per_level(feature_channels, num_timesteps)
+        if block_layout is None or [len(b) for b in block_layout] != blocks_per_level:
+            raise ValueError(
+                "SingleFeature needs the extractor's block_layout (one (kind, layer) per level block)"
+            )
         self.out_channels = out_channels
         self.entries = []
-        for level, blocks in enumerate(blocks_per_level):
-            if not 0 <= block_index < blocks:
-                raise ValueError(f"block_index={block_index} but pyramid level {level} has {blocks} blocks")
-            self.entries.append(timestep_index * blocks + block_index)
+        for level, blocks in enumerate(block_layout):
+            position = self._find(blocks, kind, layer)
+            if position is None and fallback_kind is not None:
+                position = self._find(blocks, fallback_kind, layer)
+            if position is None:
+                raise ValueError(
+                    f"SingleFeature: pyramid level {level} has no {kind} block {layer} (it has {blocks}); choose "
+                    "another kind/layer or set fallback_kind"
+                )
+            self.entries.append(timestep_index * len(blocks) + position)
         self.projections = nn.ModuleList(
             nn.Conv2d(channels[j], out_channels, 1)
             for channels, j in zip(feature_channels, self.entries, strict=True)
         )
         self.aux_loss = torch.zeros(())
+
+    @staticmethod
+    def _find(blocks: list[tuple[str, int]], kind: str, layer: int) -> int | None:
+        matches = [
+            i
+            for i, (block_kind, block_layer) in enumerate(blocks)
+            if (block_kind, block_layer) == (kind, layer)
+        ]
+        return matches[0] if matches else None
 
     def forward(self, pyramid: list[list[Tensor]]) -> list[Tensor]:
         fused = [proj(maps[j]) for proj, maps, j in zip(self.projections, pyramid, self.entries, strict=True)]
