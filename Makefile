@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 # The exact, known-good versions (pyproject.toml holds the ranges).
 CONSTRAINTS := constraints.txt
 # The default run leaves out tests marked slow (minutes) and gpu (need CUDA); `make test-all` runs the slow ones.
-PYTEST := $(PY) -m pytest -q
+PYTEST := $(PY) -m pytest -q --durations=15
 
 .PHONY: install demo test test-all gpu-smoke bench lint clean
 

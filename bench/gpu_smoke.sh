@@ -13,7 +13,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 WORK=$(mktemp -d -t satdiff-gpu-smoke-XXXXXX)
-"$PY" -m tests.fixtures.make_geobench "$WORK/geobench" >/dev/null
+"$PY" -m datamodules.synthetic.geobench "$WORK/geobench" >/dev/null
 FIT=(--trainer.accelerator gpu --trainer.devices 1 --trainer.precision bf16-mixed --trainer.max_epochs 1
      --trainer.limit_train_batches 2 --trainer.limit_val_batches 1 --trainer.logger false
      --trainer.enable_progress_bar false --trainer.enable_model_summary false)

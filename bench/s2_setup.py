@@ -23,14 +23,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from datamodules.s2_timeseries import S2ForecastDataModule  # noqa: E402
-from tests.fixtures.make_s2_dataset import DN_SCALE, make_published_shape_dataset  # noqa: E402
+from datamodules.synthetic.s2 import DN_SCALE, make_published_shape_dataset  # noqa: E402
 
 GOAL = 0.05
 
 
-def timed_setup(root: Path, cache: Path, patch_size: int) -> float:
+def timed_setup(root: Path, cache: Path, patch_size: int, embedding_patch_size: int) -> float:
     datamodule = S2ForecastDataModule(
-        str(root), reflectance_scale=DN_SCALE, patch_size=patch_size, batch_size=8, cache_dir=str(cache)
+        str(root),
+        reflectance_scale=DN_SCALE,
+        patch_size=patch_size,
+        batch_size=8,
+        cache_dir=str(cache),
+        embedding_patch_size=embedding_patch_size,
     )
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -39,7 +44,9 @@ def timed_setup(root: Path, cache: Path, patch_size: int) -> float:
     return time.perf_counter() - started
 
 
-def run(regions: int, years: int, size: int, patch_size: int, repeats: int) -> float:
+def run(
+    regions: int, years: int, size: int, patch_size: int, repeats: int, embedding_patch_size: int
+) -> float:
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the per-setup split report
     with tempfile.TemporaryDirectory() as folder:
@@ -54,8 +61,8 @@ def run(regions: int, years: int, size: int, patch_size: int, repeats: int) -> f
         for _ in range(repeats):
             for manifest in cache.glob("*.json"):
                 manifest.unlink()
-            first.append(timed_setup(root, cache, patch_size))
-        second = [timed_setup(root, cache, patch_size) for _ in range(repeats)]
+            first.append(timed_setup(root, cache, patch_size, embedding_patch_size))
+        second = [timed_setup(root, cache, patch_size, embedding_patch_size) for _ in range(repeats)]
     first_s, second_s = statistics.median(first), statistics.median(second)
     ratio = second_s / first_s
     print(f"first setup  (every file read):  {first_s:8.3f} s")
@@ -72,5 +79,8 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=200)
     parser.add_argument("--patch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--embedding-patch-size", type=int, default=8, help="as configs/forecast.yaml (first setups pool too)"
+    )
     args = parser.parse_args()
-    run(args.regions, args.years, args.size, args.patch_size, args.repeats)
+    run(args.regions, args.years, args.size, args.patch_size, args.repeats, args.embedding_patch_size)

@@ -18,11 +18,9 @@
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import random
 import signal
-import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -35,7 +33,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import (
@@ -47,15 +45,11 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from fileio import atomic_open
+
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, zero-filled, overwritten)."""
-
-
-def _current_umask() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def _looks_corrupt(error: BaseException) -> bool:
@@ -67,11 +61,10 @@ def _looks_corrupt(error: BaseException) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write local checkpoints to a temp file in the target folder, fsync, then ``os.replace`` it into place.
+    """Write local checkpoints through ``fileio.atomic_open`` (temp file in the target folder, fsync, rename).
 
     Temp files left by a killed write (``.<name>.*.tmp``) are removed at the next write of that name; the file gets
-    the mode a normal file would (``0o666`` minus the umask, not ``mkstemp``'s ``0o600``) so group members of a
-    shared cluster folder can read it. Loading names the file and says it is corrupt when it is not a complete
+    the mode a normal file would (umask applied) so group members of a shared cluster folder can read it. Loading names the file and says it is corrupt when it is not a complete
     torch archive, instead of torch's message (which for a zero-filled file suggests an unsafe ``weights_only=False``).
     """
 
@@ -81,26 +74,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: fsspec transaction
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            os.fchmod(descriptor, 0o666 & ~_current_umask())
-            with os.fdopen(descriptor, "wb") as stream:
-                torch.save(checkpoint, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temp_name, target)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
+        with atomic_open(path, "wb") as stream:
+            torch.save(checkpoint, stream)
 
     def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
         local = "://" not in str(path) and Path(path).is_file()
@@ -292,8 +267,10 @@ class EpochSeededSampler(DistributedSampler):
     ``rank``) as ``(epoch, index)`` keys (or plain indices), optionally skipping this rank's first ones.
 
     A ``DistributedSampler``, so Lightning keeps it under DDP instead of swapping in its own; ``__len__`` stays this
-    rank's full share so Lightning's batch counts match the uninterrupted run; the skip applies to the next
-    iteration only.
+    rank's full share so Lightning's batch counts match the uninterrupted run. The skip belongs to ``skip_epoch``
+    (the epoch the checkpoint was saved in) and applies to the first iteration of that epoch only: an iteration of
+    another epoch, started before Lightning restored its loops, must not use it up. ``drawn_epoch`` is the epoch
+    the latest iteration drew its order for (None before the first index is drawn).
     """
 
     def __init__(
@@ -305,16 +282,22 @@ class EpochSeededSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         skip: int = 0,
+        skip_epoch: int = 0,
         epoch_keys: bool = True,
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.current_epoch = epoch
         self.skip = skip
+        self.skip_epoch = skip_epoch
         self.epoch_keys = epoch_keys
+        self.drawn_epoch: int | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        skip, self.skip = self.skip, 0
         epoch = self.current_epoch()
+        self.drawn_epoch = epoch
+        skip = 0
+        if epoch == self.skip_epoch:
+            skip, self.skip = self.skip, 0
         self.set_epoch(epoch)
         for index in list(super().__iter__())[skip:]:
             yield (epoch, index) if self.epoch_keys else index
@@ -365,7 +348,9 @@ class ExactResume(Callback):
     ``DistributedSampler``, which resumes at this rank's next batch) giving ``(epoch, index)`` keys to the dataset:
     one that takes them (``takes_epoch_keys``) seeds its own randomness, any other is wrapped in ``SeededSamples``. Under DDP each rank gets its own RNG stream
     (``seed + rank``, set after DDP set-up) for noise, masks and dropout; the checkpoint holds every rank's RNG
-    states and each rank restores its own.
+    states and each rank restores its own. A train iterator made before Lightning restores its loops (a module
+    reading ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` sets the loader up then), whose
+    workers prefetch epoch 0's samples at once, is restarted at ``on_train_start`` on the epoch that resumes.
 
     Args:
         seed: base seed of the data order and sample RNGs; default the run's ``seed_everything`` seed.
@@ -375,9 +360,10 @@ class ExactResume(Callback):
 
     def __init__(self, seed: int | None = None):
         self.seed = seed
-        self._pending_skip_batches = 0
+        self._pending_skip: tuple[int, int] = (0, 0)  # (epoch, batches already trained in it)
         self._pending_rng: dict[str, Any] | None = None
         self._patched: tuple[Any, str] | None = None
+        self._order: EpochSeededSampler | None = None
 
     def _base_seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -386,6 +372,7 @@ class ExactResume(Callback):
         if stage != "fit":
             return
         self._pending_rng = None
+        self._order = None
         owner = trainer.datamodule if trainer.datamodule is not None else pl_module
         build = owner.train_dataloader
 
@@ -403,7 +390,7 @@ class ExactResume(Callback):
             self._patched = None
 
     def _make_resumable(self, loader: Any, trainer: Trainer) -> Any:
-        skip_batches, self._pending_skip_batches = self._pending_skip_batches, 0
+        (skip_epoch, skip_batches), self._pending_skip = self._pending_skip, (0, 0)
         batch_sampler = getattr(loader, "batch_sampler", None)
         sampler = getattr(batch_sampler, "sampler", None)
         plain_random = (
@@ -463,8 +450,10 @@ class ExactResume(Callback):
             num_replicas=trainer.world_size,
             rank=trainer.global_rank,
             skip=skip_batches * batch_sampler.batch_size,
+            skip_epoch=skip_epoch,
             epoch_keys=epoch_keys,
         )
+        self._order = order
         # Lightning's own re-instantiation (as for DDP), keeping DataLoader and BatchSampler subclasses.
         loader = _update_dataloader(loader, order, mode=RunningStage.TRAINING)
         if loader.sampler is not order:
@@ -495,11 +484,13 @@ class ExactResume(Callback):
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test/predict of a checkpoint resume no training stream
         saved = checkpoint.get(self.CHECKPOINT_KEY)
         if saved is None:
             rank_zero_warn("ExactResume: the checkpoint has no RNG/data-order state; resuming approximately.")
             return
-        self._pending_skip_batches = saved["batches_done"]
+        self._pending_skip = (checkpoint["epoch"], saved["batches_done"])
         rank_states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
         if len(rank_states) != trainer.world_size:
             rank_zero_warn(
@@ -511,6 +502,17 @@ class ExactResume(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Last hook before the first step, after DDP set-up, the sanity check and loader set-up used randomness.
+        order = self._order
+        fetcher = trainer.fit_loop._data_fetcher
+        if (
+            order is not None
+            and fetcher is not None
+            and order.drawn_epoch not in (None, trainer.current_epoch)
+        ):
+            # The train iterator was made before Lightning restored its loops (`estimated_stepping_batches` in
+            # `configure_optimizers` sets the loader up early) and its workers already draw that epoch's order:
+            # start it again for the epoch that trains now. Without workers, drawing waits for the first batch.
+            iter(fetcher)
         if self._pending_rng is not None:
             restore_rng_states(self._pending_rng)
             self._pending_rng = None

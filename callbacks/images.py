@@ -1,130 +1,53 @@
-"""Pictures of forecasts: the validation grid callback and the rollout strip.
+"""The validation panel callback and the PNG + W&B output every forecast picture goes through.
 
-Both are PNG files in the run folder (``trainer.default_root_dir``, where the CLI also puts checkpoints, predictions
-and results) and are also logged to W&B when the trainer has a ``WandbLogger``.
+The pictures themselves are drawn by ``figures``; they are PNG files in the run folder (``trainer.default_root_dir``,
+where the CLI also puts checkpoints, predictions and results) and are also logged to W&B, with their metrics as
+caption, when the trainer has a ``WandbLogger``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image, ImageDraw, ImageFont
-from torch import Tensor
-from torchvision.utils import make_grid
+from matplotlib.figure import Figure
 
-GRID_COLUMNS = ("input", "truth", "forecast", "abs error")
+from figures import ERROR_SCALE, forecast_panel, save_png
+from figures.forecast import check_panel_images
+
 IMAGE_KEYS = ("input", "target", "forecast")
-LABEL_HEIGHT = 14
-LABEL_WIDTH = 56
-PADDING = 2
-
-
-def _to_pil(image: Tensor) -> Image.Image:
-    """``(3, H, W)`` floats in [0, 1] to an RGB image (values outside are clipped)."""
-    array = (image.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
-
-
-def labelled_grid(
-    tiles: Tensor, column_labels: Sequence[str], row_labels: Sequence[str] | None = None
-) -> Image.Image:
-    """Tile ``(rows, columns, 3, H, W)`` images in [0, 1] into one picture with a label over each column
-    (and before each row when ``row_labels`` is given)."""
-    rows, columns = tiles.shape[:2]
-    if len(column_labels) != columns or (row_labels is not None and len(row_labels) != rows):
-        raise ValueError(
-            f"labelled_grid: {rows}x{columns} tiles need {columns} column labels and {rows} row labels, got "
-            f"{len(column_labels)} and {None if row_labels is None else len(row_labels)}"
-        )
-    grid = _to_pil(make_grid(tiles.flatten(0, 1), nrow=columns, padding=PADDING, pad_value=1.0))
-    tile_height, tile_width = tiles.shape[-2] + PADDING, tiles.shape[-1] + PADDING
-    left = LABEL_WIDTH if row_labels is not None else 0
-    canvas = Image.new("RGB", (left + grid.width, LABEL_HEIGHT + grid.height), "white")
-    canvas.paste(grid, (left, LABEL_HEIGHT))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for column, label in enumerate(column_labels):
-        draw.text((left + column * tile_width + PADDING, 1), label, fill="black", font=font)
-    for row, label in enumerate(row_labels or ()):
-        draw.text(
-            (2, LABEL_HEIGHT + row * tile_height + tile_height // 2 - 5), label, fill="black", font=font
-        )
-    return canvas
-
-
-def forecast_grid(
-    input: Tensor, target: Tensor, forecast: Tensor, num_samples: int = 4, error_scale: float = 0.1
-) -> Image.Image:
-    """One row per sample: input | truth | forecast | abs error, from ``(B, 3, H, W)`` tensors in [0, 1].
-
-    The error tile is the mean absolute error over channels, white at ``error_scale`` or more, so grids of
-    different epochs share one scale.
-    """
-    images = {"input": input, "target": target, "forecast": forecast}
-    for key, value in images.items():
-        if value.ndim != 4 or value.shape[1] != 3 or value.shape != target.shape:
-            raise ValueError(
-                f"forecast images: {key!r} must be (B, 3, H, W) like 'target' {tuple(target.shape)}, "
-                f"got {tuple(value.shape)}"
-            )
-    shown = slice(0, num_samples)
-    input, target, forecast = (value[shown].detach().float().cpu() for value in images.values())
-    error = (
-        ((forecast - target).abs().mean(dim=1, keepdim=True) / error_scale).clamp(0.0, 1.0).expand_as(target)
-    )
-    return labelled_grid(torch.stack([input, target, forecast, error], dim=1), GRID_COLUMNS)
-
-
-def rollout_strip(truth: Tensor, forecast: Tensor, times: Sequence[str] | None = None) -> Image.Image:
-    """Real frames over forecasts, one column per time step (e.g. per year).
-
-    ``truth`` is ``(T, 3, H, W)``; ``forecast`` is ``(F, 3, H, W)`` with ``F <= T`` and forecasts the last ``F``
-    frames (a rollout starting after ``T - F`` real frames), so earlier columns show the real inputs over a grey
-    tile. Columns are labelled by ``times`` (length ``T``), or by frame index.
-    """
-    if (
-        truth.ndim != 4
-        or forecast.ndim != 4
-        or forecast.shape[1:] != truth.shape[1:]
-        or len(forecast) > len(truth)
-    ):
-        raise ValueError(
-            f"rollout_strip: expected truth (T, 3, H, W) and forecast (F <= T, 3, H, W), "
-            f"got {tuple(truth.shape)} and {tuple(forecast.shape)}"
-        )
-    num_frames = len(truth)
-    if times is not None and len(times) != num_frames:
-        raise ValueError(f"rollout_strip: {len(times)} times for {num_frames} frames")
-    labels = (
-        [str(time) for time in times] if times is not None else [f"t{index}" for index in range(num_frames)]
-    )
-    truth = truth.detach().float().cpu()
-    no_forecast = torch.full_like(truth[: num_frames - len(forecast)], 0.5)
-    forecast_row = torch.cat([no_forecast, forecast.detach().float().cpu()])
-    return labelled_grid(torch.stack([truth, forecast_row]), labels, row_labels=["truth", "forecast"])
+"""Keys ``last_val_images`` must hold; an optional ``mask`` ``(B, H, W)`` marks the valid pixels."""
 
 
 def save_and_log_image(
-    image: Image.Image,
-    path: str | Path,
+    image: Figure | str | Path,
+    path: str | Path | None = None,
     loggers: Iterable[Logger] = (),
     key: str = "image",
     step: int | None = None,
+    caption: str | None = None,
 ) -> Path:
-    """Write ``image`` as PNG to ``path`` and log it under ``key`` to every ``WandbLogger`` in ``loggers``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    """Write a figure as PNG to ``path`` (or take an existing PNG file as ``image``) and log it with its caption
+    as an image panel under ``key`` to every ``WandbLogger`` in ``loggers``; returns the PNG's path."""
+    if isinstance(image, Figure):
+        if path is None:
+            raise ValueError(f"save_and_log_image: a figure needs a path to be written to (W&B key {key!r})")
+        png = save_png(image, path)
+    else:
+        png = Path(image)
+        if path is not None and Path(path) != png:
+            raise ValueError(f"save_and_log_image: got the PNG {png} and a different path {path}")
+        if not png.is_file():
+            raise FileNotFoundError(f"save_and_log_image: no PNG at {png} (W&B key {key!r})")
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[image], step=step)
-    return path
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[str(png)], step=step, **extra)
+    return png
 
 
 def run_directory(trainer: Trainer) -> Path:
@@ -134,16 +57,22 @@ def run_directory(trainer: Trainer) -> Path:
 
 
 class ForecastImageCallback(Callback):
-    """Save a validation grid (input | truth | forecast | abs error) per epoch as ``images/epoch_XXX.png``.
+    """Save a validation panel per epoch as ``images/epoch_XXX.png``: input | truth | forecast | |error|, one row
+    per sample, with a shared percentile stretch per row, PSNR/SSIM/GSSIM under the forecast and an |error| map
+    on a fixed scale (0 to ``error_scale`` reflectance, see ``figures.error_norm``) with its colorbar.
 
     Contract with the LightningModule: it defines ``last_val_images`` (``None`` until set) and, in
     ``validation_step`` of the first batch, stores ``dict(input=(B, 3, H, W), target=..., forecast=...)``: the
-    last input frame, the true next frame and the forecast, floats in [0, 1] (detached, best on CPU). The grid
-    also goes to W&B (``val/forecast_grid``) when a ``WandbLogger`` is attached. The contract is checked at
-    ``setup`` and on the sanity-check epoch, so a module that breaks it fails before training, not mid-run.
+    last input frame, the true next frame and the forecast, floats in [0, 1] (detached, best on CPU), and
+    optionally ``mask`` ``(B, H, W)``, the valid pixels (metrics and stretch use only those; invalid ones are grey).
+    The forecast column is named by the module's ``model_name()`` when it has one. The panel also goes to W&B
+    (``val/forecast_grid``, captioned with the metrics) when a ``WandbLogger`` is attached. The contract is checked
+    at ``setup`` and on the sanity-check epoch, so a module that breaks it fails before training, not mid-run.
     """
 
-    def __init__(self, num_samples: int = 4, error_scale: float = 0.1, every_n_epochs: int = 1) -> None:
+    def __init__(
+        self, num_samples: int = 4, error_scale: float = ERROR_SCALE, every_n_epochs: int = 1
+    ) -> None:
         super().__init__()
         if num_samples < 1 or every_n_epochs < 1 or error_scale <= 0:
             raise ValueError(
@@ -171,11 +100,23 @@ class ForecastImageCallback(Callback):
             raise KeyError(
                 f"{type(pl_module).__name__}.last_val_images lacks {missing} (needs {list(IMAGE_KEYS)})"
             )
-        grid = forecast_grid(
-            images["input"], images["target"], images["forecast"], self.num_samples, self.error_scale
-        )
+        model = pl_module.model_name() if hasattr(pl_module, "model_name") else type(pl_module).__name__
+        forecasts = {model: images["forecast"]}
+        check_panel_images(images["input"], images["target"], forecasts, images.get("mask"))
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        path = run_directory(trainer) / "images" / f"epoch_{trainer.current_epoch:03d}.png"
-        if trainer.is_global_zero:
-            save_and_log_image(grid, path, trainer.loggers, key="val/forecast_grid", step=trainer.global_step)
+        path = run_directory(trainer) / "images" / f"epoch_{trainer.current_epoch:03d}.png"  # on every rank
+        if not trainer.is_global_zero:
+            return
+        picture = forecast_panel(
+            images["input"],
+            images["target"],
+            forecasts,
+            images.get("mask"),
+            self.num_samples,
+            self.error_scale,
+            title=f"{model} validation, epoch {trainer.current_epoch}",
+        )
+        save_and_log_image(
+            picture.figure, path, trainer.loggers, "val/forecast_grid", trainer.global_step, picture.caption
+        )

@@ -608,7 +608,10 @@ class GeoBenchDataModule(NonGeoDataModule):
         if pixel_scale is not None and not (math.isfinite(pixel_scale) and pixel_scale > 0):
             raise ValueError(f"config key 'pixel_scale' must be a positive number, got {pixel_scale}")
         if image_size is not None and image_size <= 0:
-            raise ValueError(f"config key 'image_size' must be positive, got {image_size}")
+            raise ValueError(f"config key data.init_args.image_size must be positive, got {image_size}")
+        for key, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if value < minimum:
+                raise ValueError(f"config key data.init_args.{key} must be >= {minimum}, got {value}")
         if not bands:
             raise ValueError("config key 'bands' is empty")
         self.task = task

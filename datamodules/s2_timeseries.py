@@ -4,9 +4,11 @@ Layout (the Sat-JEPA-Diff dataset): ``<root>/<Region>/s2_rgb_<Region>_<YYYY>_10k
 optionally, ``<root>/<Region>/embedding_<Region>_<YYYY>_10km.tif`` (64-band AlphaEarth embedding, same grid).
 Every file is read completely once and checked before training; what the check found is kept in a validation
 manifest keyed by path, size and modification time, so later set-ups (test, predict, other DDP ranks, the next
-run) read no pixels of unchanged files. Samples are lazy rasterio windowed reads. Splits are by region (train,
-validation and test apart), never by window, so no region leaks across splits; only consecutive time steps
-are paired.
+run) read no pixels of unchanged files. Samples are lazy rasterio windowed reads. With ``embedding_patch_size``
+p > 1 a sample carries the embedding averaged per p x p patch (what the model consumes), sliced from a pooled copy
+that validation writes beside the manifest: 1/p**2 of the pixels and no decoding of the 64-band file. Splits
+are by region (train, validation and test apart), never by window, so no region leaks across splits; only
+consecutive time steps are paired.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import json
 import os
 import re
 import resource
-import tempfile
 import warnings
 import zlib
 from collections import OrderedDict
@@ -40,6 +41,8 @@ from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import NonGeoDataset
 from tqdm import tqdm
 
+from fileio import atomic_open
+
 RGB_BANDS = 3
 EMBEDDING_BANDS = 64
 # A file whose brightest valid pixel stays below this after scaling is almost surely scaled twice.
@@ -51,6 +54,7 @@ VALIDATION_ROWS_PER_READ = 256
 MAX_OPEN_FILES = 2048
 RESERVED_FILE_DESCRIPTORS = 256
 MANIFEST_NAME = ".s2_validation_manifest.json"
+POOLED_DIR_NAME = ".s2_pooled_embeddings"
 MANIFEST_VERSION = 1
 # Crop offsets drawn before falling back to an exact draw among the allowed ones (rejection sampling).
 CROP_DRAWS = 64
@@ -76,6 +80,10 @@ class RegionSeries:
     transform: Any = None
     row_starts: list[int] = field(default_factory=list)
     col_starts: list[int] = field(default_factory=list)
+    # Per time key, after validation: the embedding's invalid-pixel mask (None when it has none or no file) and
+    # its pooled copy (None without pooling, without a file, or when the copy could not be written).
+    embedding_invalid: list[np.ndarray | None] = field(default_factory=list)
+    pooled_paths: list[Path | None] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +91,8 @@ class ForecastPair:
     """History frames ``frames`` of a region predicting frame ``target``, with the windows usable for it.
 
     ``grid`` holds the (row, col) offsets of the fixed grid windows that pass the invalid-pixel threshold;
-    ``allowed_offsets`` is a packed bit map over every crop offset (None: every offset is allowed).
+    Training crops start at multiples of ``crop_stride`` (the embedding's pooling patch, so its patches line up
+    with the pooled copy); ``allowed_offsets`` is a packed bit map over those offsets (None: all are allowed).
     """
 
     region: RegionSeries
@@ -93,6 +102,7 @@ class ForecastPair:
     skipped_windows: int
     allowed_offsets: np.ndarray | None = None
     allowed_count: int = 0
+    crop_stride: int = 1
 
 
 @dataclass
@@ -175,6 +185,15 @@ def _pixel_invalid(raw: np.ndarray, nodata: float | None) -> np.ndarray:
     return invalid
 
 
+def pool_patches(array: np.ndarray, pool: int) -> np.ndarray:
+    """(C, H, W) -> (C, H // pool, W // pool) float32 means of the pool x pool patches (a trailing partial patch
+    row or column is dropped)."""
+    channels, height, width = array.shape
+    rows, cols = height // pool, width // pool
+    patches = array[:, : rows * pool, : cols * pool].reshape(channels, rows, pool, cols, pool)
+    return patches.mean(axis=(2, 4), dtype=np.float32)
+
+
 def _open_error(path: Path, exc: Exception) -> S2DataError:
     return S2DataError(f"{path}: cannot read the file ({exc})")
 
@@ -194,10 +213,19 @@ def _unpack_mask(text: str | None, height: int, width: int) -> np.ndarray:
 
 
 def scan_file(
-    path: Path, nodata: float | None, scale: float, offset: float, reflectance: bool
+    path: Path,
+    nodata: float | None,
+    scale: float,
+    offset: float,
+    reflectance: bool,
+    pooled_path: Path | None = None,
+    pool: int = 1,
 ) -> dict[str, Any]:
     """Read one file completely (row blocks, float32) and summarise it: grid, invalid mask and, for RGB
-    reflectance files, the valid-pixel statistics the plausibility checks need."""
+    reflectance files, the valid-pixel statistics the plausibility checks need. With ``pooled_path`` it also
+    writes the file's ``pool`` x ``pool`` patch means (invalid pixels as 0) there as ``.npy``."""
+    rows_per_read = max(pool, VALIDATION_ROWS_PER_READ // pool * pool)
+    pooled_blocks: list[np.ndarray] = []
     try:
         with rasterio.open(path) as src:
             record: dict[str, Any] = {
@@ -213,11 +241,15 @@ def scan_file(
             invalid = np.zeros((src.height, src.width), dtype=bool)
             valid = below = above = 0
             total, brightest = 0.0, -np.inf
-            for row in range(0, src.height, VALIDATION_ROWS_PER_READ):
-                rows = min(VALIDATION_ROWS_PER_READ, src.height - row)
+            for row in range(0, src.height, rows_per_read):
+                rows = min(rows_per_read, src.height - row)
                 raw = src.read(window=Window(0, row, src.width, rows))
                 chunk_invalid = _pixel_invalid(raw, nodata)
                 invalid[row : row + rows] = chunk_invalid
+                if pooled_path is not None:
+                    pixels = raw.astype(np.float32, copy=True)
+                    pixels[:, chunk_invalid] = 0.0
+                    pooled_blocks.append(pool_patches(pixels, pool))
                 if not reflectance:
                     continue
                 values = (raw[:, ~chunk_invalid].astype(np.float32) + np.float32(offset)) * np.float32(scale)
@@ -229,12 +261,27 @@ def scan_file(
                     brightest = max(brightest, float(values.max()))
     except RasterioError as exc:
         raise _open_error(path, exc) from exc
+    if pooled_path is not None:
+        _write_pooled(pooled_path, np.concatenate(pooled_blocks, axis=1))
     record.update(invalid=_pack_mask(invalid), nodata=nodata)
     if reflectance:
         channels = max(record["bands"], 1)
         mean = total / (valid * channels) if valid else 0.0
         record.update(valid=valid, below=below, above=above, mean=mean, brightest=brightest)
     return record
+
+
+def _write_pooled(path: Path, pooled: np.ndarray) -> None:
+    """Save a pooled embedding atomically; a folder that cannot be written only costs a warning (full reads)."""
+    try:
+        with atomic_open(path, "wb") as stream:
+            np.save(stream, pooled)
+    except OSError as exc:
+        warnings.warn(
+            f"cannot write the pooled embedding {path} ({exc}); its samples are read and pooled at full "
+            "resolution (set the DataModule's cache_dir to a writable folder)",
+            stacklevel=2,
+        )
 
 
 class ValidationManifest:
@@ -276,13 +323,8 @@ class ValidationManifest:
         if not self.changed:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(
-                dir=self.path.parent, prefix=self.path.name, suffix=".partial"
-            )
-            with os.fdopen(handle, "w") as file:
+            with atomic_open(self.path, "w") as file:
                 json.dump({"version": MANIFEST_VERSION, "files": self.entries}, file)
-            os.replace(temporary, self.path)
             self.changed = False
         except OSError as exc:
             warnings.warn(
@@ -329,18 +371,33 @@ class PixelReader:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": OrderedDict(), "_limit": None}
 
-    def _read(self, path: Path, window: Window) -> np.ndarray:
+    def _handle(self, path: Path, open_file: Callable[[Path], Any]) -> Any:
+        """The process's open handle of ``path`` (a rasterio dataset or a memory-mapped ``.npy``), LRU-cached."""
         if self._pid != os.getpid():
             self._handles, self._pid, self._limit = OrderedDict(), os.getpid(), None
         if self._limit is None:
             self._limit = open_file_limit(self.max_open_files)
         handle = self._handles.pop(path, None)
         if handle is None:
-            handle = rasterio.open(path)
+            handle = open_file(path)
             while len(self._handles) >= self._limit:
-                self._handles.popitem(last=False)[1].close()
+                evicted = self._handles.popitem(last=False)[1]
+                if isinstance(evicted, rasterio.DatasetReader):
+                    evicted.close()  # a memory map closes when its last reference goes
         self._handles[path] = handle
-        return handle.read(window=window)
+        return handle
+
+    def _read(self, path: Path, window: Window) -> np.ndarray:
+        return self._handle(path, rasterio.open).read(window=window)
+
+    def read_pooled(self, path: Path, row: int, col: int, size: int, pool: int) -> Tensor:
+        """The (64, size / pool, size / pool) patch means of the window at (row, col), both multiples of
+        ``pool``, sliced from the pooled copy validation wrote (memory-mapped: no decoding)."""
+        pooled = self._handle(path, lambda file: np.load(file, mmap_mode="r"))
+        first_row, first_col, cells = row // pool, col // pool, size // pool
+        return torch.from_numpy(
+            np.array(pooled[:, first_row : first_row + cells, first_col : first_col + cells])
+        )
 
     def read_rgb(
         self, path: Path, nodata: float | None, row: int, col: int, size: int
@@ -387,6 +444,17 @@ def _owned(region: RegionSeries, row: int, col: int, size: int) -> Tensor:
     return owned
 
 
+def restrict_crops(pair: ForecastPair, allowed: np.ndarray) -> None:
+    """Keep a pair's allowed crop offsets (``allowed``: every offset) on its ``crop_stride`` lattice; a pair whose
+    allowed offsets all lie off the lattice crops at any of them (its embedding then read at full resolution)."""
+    lattice = allowed[:: pair.crop_stride, :: pair.crop_stride]
+    if not lattice.any():
+        pair.crop_stride, lattice = 1, allowed
+    if not lattice.all():
+        pair.allowed_offsets = np.packbits(lattice.ravel())
+        pair.allowed_count = int(lattice.sum())
+
+
 class S2ForecastDataset(NonGeoDataset):
     """Forecasting samples (history -> t+1) over validated pairs; random crops or the fixed window grid.
 
@@ -407,9 +475,11 @@ class S2ForecastDataset(NonGeoDataset):
         reader: PixelReader,
         random_crop: bool,
         seed: int = 0,
+        embedding_pool: int = 1,
     ):
         self.pairs = list(pairs)
         self.patch_size = patch_size
+        self.embedding_pool = embedding_pool
         self.reader = reader
         self.random_crop = random_crop
         self.seed = seed
@@ -435,19 +505,38 @@ class S2ForecastDataset(NonGeoDataset):
             start = self._ends[pair_index - 1] if pair_index else 0
             row, col = pair.grid[index - start]
             return pair, row, col
-        span_rows = pair.region.height - self.patch_size + 1
-        span_cols = pair.region.width - self.patch_size + 1
+        stride = pair.crop_stride
+        span_rows = (pair.region.height - self.patch_size) // stride + 1
+        span_cols = (pair.region.width - self.patch_size) // stride + 1
         generator = self.sample_generator(epoch, index)
         if pair.allowed_offsets is None:
             flat = int(generator.integers(span_rows * span_cols))
-            return pair, flat // span_cols, flat % span_cols
+            return pair, flat // span_cols * stride, flat % span_cols * stride
         bits = pair.allowed_offsets
         for flat in generator.integers(span_rows * span_cols, size=CROP_DRAWS).tolist():
             if (bits[flat >> 3] >> (7 - (flat & 7))) & 1:
-                return pair, flat // span_cols, flat % span_cols
+                return pair, flat // span_cols * stride, flat % span_cols * stride
         allowed = np.unpackbits(bits, count=span_rows * span_cols).astype(bool)
         flat = int(np.flatnonzero(allowed)[int(generator.integers(pair.allowed_count))])
-        return pair, flat // span_cols, flat % span_cols
+        return pair, flat // span_cols * stride, flat % span_cols * stride
+
+    def _embedding(self, region: RegionSeries, index: int, row: int, col: int) -> tuple[Tensor, Tensor]:
+        """Time ``index``'s embedding window, averaged per ``embedding_pool`` patch (invalid pixels count as 0 in
+        a patch's mean, as when the model pools a full-resolution window), and its full-resolution validity."""
+        size, pool = self.patch_size, self.embedding_pool
+        pooled_path = region.pooled_paths[index] if region.pooled_paths else None
+        if pooled_path is not None and row % pool == 0 and col % pool == 0:
+            invalid = region.embedding_invalid[index]
+            valid = (
+                torch.ones(size, size, dtype=torch.bool)
+                if invalid is None
+                else torch.from_numpy(~invalid[row : row + size, col : col + size])
+            )
+            return self.reader.read_pooled(pooled_path, row, col, size, pool), valid
+        embedding, valid = self.reader.read_embedding(region.embedding_paths[index], row, col, size)
+        if pool > 1:
+            embedding = torch.from_numpy(pool_patches(embedding.numpy(), pool))
+        return embedding, valid
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
@@ -469,7 +558,7 @@ class S2ForecastDataset(NonGeoDataset):
         sample: dict[str, Any] = {"image": torch.stack(frames), "target": target}
         embedding_path = region.embedding_paths[pair.target]
         if embedding_path is not None:
-            sample["embedding"], embedding_valid = self.reader.read_embedding(embedding_path, row, col, size)
+            sample["embedding"], embedding_valid = self._embedding(region, pair.target, row, col)
             valid &= embedding_valid
         owned = (
             torch.ones(size, size, dtype=torch.bool) if self.random_crop else _owned(region, row, col, size)
@@ -584,6 +673,14 @@ class S2ForecastDataModule(NonGeoDataModule):
         val_fraction, test_fraction: fractions of regions for validation and test (seeded by ``seed``).
         cache_dir: folder of the validation manifest (default: the data root; a read-only root only warns).
         max_open_files: GeoTIFF handles each loading process keeps open (capped by the descriptor limit).
+        embedding_patch_size: p > 1 makes ``embedding`` the AlphaEarth embedding averaged per p x p patch,
+            ``(64, patch_size / p, patch_size / p)``, instead of per pixel (1); set it to the I-JEPA encoder's
+            patch size (the model pools the rest). Validation writes each embedding file's pooled copy beside the
+            manifest, so a sample reads 1/p**2 of the values; training crops then start at multiples of p.
+        predict_mode: ``scene`` (default) forecasts every region's whole scene from its last ``history`` frames
+            (``datamodules.scenes``, written by ``callbacks.MosaicWriter``); ``pairs`` predicts the test pairs.
+        predict_overlap, predict_horizon: scene mode's window overlap in pixels (None: ``patch_size // 4``) and
+            forecast steps.
     """
 
     def __init__(
@@ -610,6 +707,10 @@ class S2ForecastDataModule(NonGeoDataModule):
         sequence: bool = False,
         cache_dir: str | None = None,
         max_open_files: int = MAX_OPEN_FILES,
+        embedding_patch_size: int = 1,
+        predict_mode: str = "scene",
+        predict_overlap: int | None = None,
+        predict_horizon: int = 1,
     ) -> None:
         super().__init__(S2ForecastDataset, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
@@ -626,10 +727,21 @@ class S2ForecastDataModule(NonGeoDataModule):
                 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0,
             ),
             "max_open_files": (max_open_files, max_open_files >= 1),
+            "batch_size": (batch_size, batch_size >= 1),
+            "num_workers": (num_workers, num_workers >= 0),
+            "embedding_patch_size": (embedding_patch_size, embedding_patch_size >= 1),
+            "predict_mode": (predict_mode, predict_mode in ("scene", "pairs")),
+            "predict_overlap": (predict_overlap, 0 <= (predict_overlap or 0) < patch_size),
+            "predict_horizon": (predict_horizon, predict_horizon >= 1),
         }
         for key, (value, ok) in checks.items():
             if not ok:
-                raise S2DataError(f"config key {key} has an invalid value: {value!r}")
+                raise S2DataError(f"config key data.init_args.{key} has an invalid value: {value!r}")
+        if patch_size % embedding_patch_size:
+            raise S2DataError(
+                f"config key data.init_args.embedding_patch_size={embedding_patch_size} must divide "
+                f"data.init_args.patch_size={patch_size}"
+            )
         if holdout_last_step and test_fraction > 0:
             raise S2DataError(
                 "holdout_last_step and test_fraction > 0 both define the test set; with holdout_last_step: true "
@@ -663,6 +775,8 @@ class S2ForecastDataModule(NonGeoDataModule):
         self.seed = seed
         self.sequence = sequence
         self.manifest_path = (Path(cache_dir) if cache_dir else self.root) / MANIFEST_NAME
+        self.pooled_dir = self.manifest_path.parent / POOLED_DIR_NAME
+        self.embedding_patch_size = embedding_patch_size
         self.reader = PixelReader(reflectance_scale, reflectance_offset, max_open_files)
         self.collate_fn = collate_s2
         if sequence:
@@ -677,12 +791,18 @@ class S2ForecastDataModule(NonGeoDataModule):
 
     # ---- discovery and validation -------------------------------------------------------------------------
 
-    def _discover(self) -> list[RegionSeries]:
-        """Find region folders and their time keys; regions too short for one sample are warned about and left out."""
+    def _discover(self, history_only: bool = False) -> list[RegionSeries]:
+        """Find region folders and their time keys; regions too short for one sample are warned about and left out
+        (a training pair needs ``history + 1`` steps; ``history_only``, a forecast of the future, ``history``)."""
+        needed = self.history if history_only else self.history + 1
+        sample = (
+            f"a forecast needs history={needed}" if history_only else f"a sample needs history+1={needed}"
+        )
         if not self.root.is_dir():
             raise S2DataError(f"config key root: {self.root} is not a directory")
         regions, self._excluded = [], []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        # hidden folders are never regions: the pooled-embedding cache (.s2_pooled_embeddings) lives in the root
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             rgb_regex = _pattern_regex(self.rgb_pattern, folder.name, self.time_regex)
             found: dict[str, Path] = {}
             for path in sorted(folder.iterdir()):
@@ -690,12 +810,11 @@ class S2ForecastDataModule(NonGeoDataModule):
                 if match:
                     found[match["time"]] = path
             times = sorted(found, key=natural_key)
-            if len(times) < self.history + 1:
+            if len(times) < needed:
                 self._excluded.append(folder.name)
                 warnings.warn(
                     f"region {folder.name} ({folder}) has {len(times)} time step(s) matching rgb_pattern="
-                    f"{self.rgb_pattern!r}, time_regex={self.time_regex!r}; a sample needs history+1="
-                    f"{self.history + 1}: region left out",
+                    f"{self.rgb_pattern!r}, time_regex={self.time_regex!r}; {sample}: region left out",
                     stacklevel=2,
                 )
                 continue
@@ -741,10 +860,13 @@ class S2ForecastDataModule(NonGeoDataModule):
         """Validation records of every file: from the manifest when unchanged, else read now (with progress)."""
         manifest = ValidationManifest(self.manifest_path)
         rgb_settings, embedding_settings = self._rgb_settings(), {"kind": "embedding"}
+        if self.embedding_patch_size > 1:
+            embedding_settings["pool"] = self.embedding_patch_size
         records, missing = {}, []
         for path, is_rgb in self._files(regions):
             record = manifest.get(path, rgb_settings if is_rgb else embedding_settings)
-            if record is None:
+            pooled = None if is_rgb else self._pooled_path(path)
+            if record is None or (pooled is not None and not pooled.exists()):
                 missing.append((path, is_rgb))
             else:
                 records[path] = record
@@ -757,12 +879,25 @@ class S2ForecastDataModule(NonGeoDataModule):
             )
             for path, is_rgb in progress:
                 record = scan_file(
-                    path, self.nodata, reader.reflectance_scale, reader.reflectance_offset, is_rgb
+                    path,
+                    self.nodata,
+                    reader.reflectance_scale,
+                    reader.reflectance_offset,
+                    is_rgb,
+                    pooled_path=None if is_rgb else self._pooled_path(path),
+                    pool=self.embedding_patch_size,
                 )
                 records[path] = record
                 manifest.put(path, rgb_settings if is_rgb else embedding_settings, record)
             manifest.save()
         return records
+
+    def _pooled_path(self, path: Path) -> Path | None:
+        """Where validation keeps the patch-averaged copy of an embedding file (None without pooling)."""
+        if self.embedding_patch_size == 1:
+            return None
+        relative = path.relative_to(self.root)
+        return self.pooled_dir / relative.parent / f"{relative.stem}.pool{self.embedding_patch_size}.npy"
 
     def _check_grid(self, region: RegionSeries, path: Path, record: dict[str, Any], bands: int) -> None:
         if record["bands"] != bands:
@@ -834,6 +969,13 @@ class S2ForecastDataModule(NonGeoDataModule):
             record = records[path]
             self._check_grid(region, path, record, EMBEDDING_BANDS)
             embedding_invalid.append(_unpack_mask(record["invalid"], region.height, region.width))
+        if self.embedding_patch_size > 1:  # what a sample needs to skip the full-resolution read
+            region.embedding_invalid = [
+                None if path is None or records[path]["invalid"] is None else mask
+                for path, mask in zip(region.embedding_paths, embedding_invalid, strict=True)
+            ]
+            pooled = [None if path is None else self._pooled_path(path) for path in region.embedding_paths]
+            region.pooled_paths = [path if path is not None and path.exists() else None for path in pooled]
         return frame_invalid, embedding_invalid
 
     def _consecutive(self, region: RegionSeries, first: int, last: int) -> bool:
@@ -864,17 +1006,17 @@ class S2ForecastDataModule(NonGeoDataModule):
             if embedding_invalid[target] is not None:
                 masks.append(embedding_invalid[target])
             invalid = np.logical_or.reduce(masks)
+            stride = self.embedding_patch_size
             if not invalid.any():
                 grid = [(r, c) for r in rows for c in cols]
-                pairs.append(ForecastPair(region, frames, target, grid, 0))
+                pairs.append(ForecastPair(region, frames, target, grid, 0, crop_stride=stride))
                 continue
             counts = window_invalid_counts(invalid, self.patch_size)
             grid = [(r, c) for r in rows for c in cols if counts[r, c] <= limit]
-            pair = ForecastPair(region, frames, target, grid, len(rows) * len(cols) - len(grid))
-            allowed = counts <= limit
-            if want_crops and not allowed.all():
-                pair.allowed_offsets = np.packbits(allowed.ravel())
-                pair.allowed_count = int(allowed.sum())
+            skipped = len(rows) * len(cols) - len(grid)
+            pair = ForecastPair(region, frames, target, grid, skipped, crop_stride=stride)
+            if want_crops:
+                restrict_crops(pair, counts <= limit)
             pairs.append(pair)
         return pairs, gaps
 
@@ -917,7 +1059,11 @@ class S2ForecastDataModule(NonGeoDataModule):
 
     def prepare_data(self) -> None:
         """Validate every file once into the manifest (Lightning runs this on one process per node)."""
-        self._records(self._discover())
+        trainer = self.trainer
+        scenes = (
+            trainer is not None and trainer.state.fn == "predict" and self.hparams.predict_mode == "scene"
+        )
+        self._records(self._discover(history_only=scenes))
 
     def _build(self) -> None:
         """Discover, split and check every file; later ``setup`` calls reuse the result."""
@@ -1003,6 +1149,7 @@ class S2ForecastDataModule(NonGeoDataModule):
             self.reader,
             random_crop=split == "train",
             seed=self.seed,
+            embedding_pool=self.embedding_patch_size,
         )
         if len(dataset) == 0:
             raise S2DataError(
@@ -1023,6 +1170,11 @@ class S2ForecastDataModule(NonGeoDataModule):
     def setup(self, stage: str) -> None:
         """Check every file (first call only; pixels are read only for files the manifest lacks) and build the
         datasets the stage needs."""
+        if stage == "predict" and self.hparams.predict_mode == "scene":
+            from datamodules.scenes import scene_dataset  # builds on this module
+
+            self.predict_dataset, self.predict_batch_size = scene_dataset(self), self.batch_size
+            return
         if self._split_pairs is None:
             self._build()
         if stage == "fit":

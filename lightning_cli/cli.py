@@ -33,6 +33,7 @@ import lightning_modules  # noqa: F401
 import metrics  # noqa: F401
 import networks  # noqa: F401
 from callbacks import ExactResume, LastCheckpoint, NonFiniteLossGuard
+from lightning_cli.resources import shipped_path
 
 RUNS_ROOT = Path("runs")
 RUN_DIR_ENV = "SATDIFF_RUN_DIR"  # the parent's run folder, read by the DDP processes Lightning launches
@@ -59,6 +60,7 @@ DEFAULT_CALLBACKS: dict[str, tuple[type, dict[str, Any]]] = {
 DATA_TO_MODEL_LINKS: dict[str, tuple[str, ...]] = {
     "history": ("model.init_args.history", "model.init_args.network.init_args.in_frames"),
     "ignore_index": ("model.init_args.ignore_index",),
+    "patch_size": ("model.init_args.encoder.init_args.img_size",),  # the I-JEPA encoder sees whole windows
 }
 
 
@@ -218,6 +220,36 @@ def apply_data_links(config: Namespace) -> None:
             config[target] = value
 
 
+def resolve_shipped_paths(value: Any) -> Any:
+    """``value`` with every string that names a shipped file by a relative ``configs/...`` or ``data/...`` path
+    missing from the current directory replaced by the shipped file's absolute path (see ``shipped_path``)."""
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, resolve_shipped_paths(item))
+        return value
+    if isinstance(value, dict):
+        return {key: resolve_shipped_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve_shipped_paths(item) for item in value]
+    if isinstance(value, str) and (shipped := shipped_path(value)) is not None:
+        return str(shipped)
+    return value
+
+
+def with_shipped_configs(args: list[str]) -> list[str]:
+    """Command-line arguments with each ``--config configs/...`` missing from the current directory pointing at
+    the shipped config, so the README's commands also run outside the repository and from the wheel."""
+    resolved = list(args)
+    for index, arg in enumerate(resolved):
+        if arg.startswith("--config="):
+            shipped = shipped_path(arg.removeprefix("--config="))
+            if shipped is not None:
+                resolved[index] = f"--config={shipped}"
+        elif index > 0 and resolved[index - 1] == "--config" and (shipped := shipped_path(arg)) is not None:
+            resolved[index] = str(shipped)
+    return resolved
+
+
 def innermost_exception(error: BaseException) -> BaseException:
     """The exception at the root of a ``raise ... from`` chain (jsonargparse wraps constructor errors)."""
     while (error.__cause__ or error.__context__) is not None:
@@ -245,6 +277,10 @@ class SatDiffCLI(LightningCLI):
         kwargs.setdefault("parser_class", SatDiffArgumentParser)
         self.run_folder: Path | None = None
         self.created_run_folder = False
+        if args is None:  # rewritten in place: LightningCLI warns when given args beside sys.argv's
+            sys.argv[1:] = with_shipped_configs(sys.argv[1:])
+        elif isinstance(args, list):
+            args = with_shipped_configs(args)
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -256,6 +292,18 @@ class SatDiffCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Build the model from a checkpoint's saved config only when no config file is given.
+
+        LightningCLI lets the checkpoint's hyperparameters override the parsed config, which would silently drop
+        what the user sets for this run (``--model.init_args.predict_dir``, weight paths on another machine). With
+        a ``--config``, that config and its overrides build the model; the checkpoint only supplies weights.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("config"):
+            return
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, (callback_class, init_args) in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(callback_class, key, subclass_mode=True, required=False)
@@ -266,6 +314,7 @@ class SatDiffCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        resolve_shipped_paths(config)
         try:
             apply_data_links(config)
         except ConfigError as error:

@@ -23,18 +23,21 @@ class BaselineForecastModule(ForecastTask):
     pixel loss (gradient ``aux_weight * pixel / aux`` times its own): a weight tuned on MNIST-scale MSE keeps its
     meaning at reflectance scale, where the pixel MSE is ~1e-3 and an absolute 0.1 * |cosine| would be most of
     the loss. ``absolute`` adds ``aux_weight * aux_loss`` as the paper's code does. A network without
-    trainable parameters (persistence) gets no optimizer: ``fit`` then only logs losses, validates and
-    checkpoints, so every baseline runs through the same fit/test/predict commands.
+    trainable parameters (persistence) has nothing to optimise: the module then runs under Lightning's manual
+    optimization with no optimizer, so ``fit`` only logs losses, validates and checkpoints, and every baseline
+    runs through the same fit/test/predict commands.
 
     Args:
         network: the forecaster, injected by ``class_path``/``init_args``.
         optimizer: optimizer class and its init args (``lr`` etc.), e.g. ``{class_path: torch.optim.AdamW}``;
             None: AdamW with torch's defaults. The default is None rather than AdamW because jsonargparse
             carries a default's init args over to a configured class: Adam would inherit AdamW's weight_decay.
-        scheduler: optional LR scheduler class and init args, stepped every ``scheduler_interval``.
+        scheduler: optional LR scheduler class and init args, stepped every ``scheduler_interval``
+            (``epoch`` or ``step``) and monitoring ``val/loss``.
         l1_weight, mse_weight: weights of the masked pixel losses.
         aux_weighting: ``relative`` (auxiliary term scaled to the pixel loss) or ``absolute``.
-        **kwargs: ``ForecastTask`` keys (history, metric weights, output folders, rollout_start).
+        **kwargs: ``ForecastTask`` keys (history, metric weights, output folders, rollout_start) and the
+            ``BaseTask`` warm-up/cosine schedule (``warmup_epochs``, ``warmup_start_lr``, ``min_lr``).
     """
 
     def __init__(
@@ -48,15 +51,13 @@ class BaselineForecastModule(ForecastTask):
         aux_weighting: Literal["relative", "absolute"] = "relative",
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        super().__init__(
+            optimizer=optimizer, scheduler=scheduler, scheduler_interval=scheduler_interval, **kwargs
+        )
         if aux_weighting not in ("relative", "absolute"):
             raise ValueError(f"aux_weighting must be 'relative' or 'absolute', got {aux_weighting!r}")
         self.network = network
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scheduler_interval = scheduler_interval
+        self.automatic_optimization = self.has_trainable_parameters()
         self.l1_weight = l1_weight
         self.mse_weight = mse_weight
         self.aux_weighting = aux_weighting
@@ -96,7 +97,7 @@ class BaselineForecastModule(ForecastTask):
             return weight * aux_loss
         return weight * pixel_loss.detach() * aux_loss / aux_loss.detach().clamp_min(1e-12)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image = batch["image"]
         self.check_history(image)
         forecasts, targets = self.supervised_frames(image, batch["target"])
@@ -109,15 +110,4 @@ class BaselineForecastModule(ForecastTask):
             self.log("train/aux_loss", aux_loss, batch_size=batch_size)
             loss = loss + aux_loss
         self.log("train/loss", loss, batch_size=batch_size, prog_bar=True)
-        return loss if self.has_trainable_parameters() else None
-
-    def configure_optimizers(self) -> Any:
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        if not parameters:
-            return None
-        optimizer = (self.optimizer or torch.optim.AdamW)(parameters)
-        if self.scheduler is None:
-            return optimizer
-        scheduler = {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval}
-        scheduler["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return loss

@@ -6,7 +6,9 @@ config: either linked into the constructor arguments by the CLI, or read by ``co
 cache. Lightning calls ``configure_model()`` before restoring a checkpoint, so ``test --ckpt_path`` loads the trained
 fusion and head; the task is also stored in the checkpoint so ``DiFuserModule.load_from_checkpoint`` works without a
 trainer. Task values are not saved as hyperparameters (the datamodule logs its own; a copy here would clash with it
-in the logger), only in the checkpoint.
+in the logger), only in the checkpoint. Everything else is (``lightning_modules.base.BaseTask``): a checkpoint
+of a CLI run loads with ``DiFuserModule.load_from_checkpoint(path)`` alone, the frozen extractor rebuilt from its
+config.
 
 Fusion and head are initialised from a generator seeded by the run seed, never from the global RNG at build time:
 one process and every DDP rank build the same weights wherever the strategy has moved the RNG.
@@ -27,12 +29,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MetricCollection
 
+from lightning_modules.base import BaseTask
 from lightning_modules.frozen import FrozenPartsCheckpointMixin
 from metrics.geobench import TaskType, task_metrics
 from networks.difuser.cache import CacheDtype, CacheTier, FeatureCache
@@ -65,7 +66,7 @@ def paper_adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
 
 
-class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
+class DiFuserModule(FrozenPartsCheckpointMixin, BaseTask):
     """Frozen ``extractor`` -> trainable ``fusion`` -> ``head``; only fusion and head are optimised and saved.
 
     Args:
@@ -77,8 +78,12 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         num_classes, task_type, class_names, ignore_index, dataset_key: taken from the datamodule (CLI links or
             ``configure_model``); set by hand only without one.
         optimizer: optimiser of the fusion and head parameters (paper: AdamW, lr 0.01).
-        warmup_epochs, warmup_start_lr, min_lr: linear warmup from ``warmup_start_lr`` to the optimiser's lr, then
-            cosine decay to ``min_lr`` at ``trainer.max_epochs`` (stepped per epoch).
+        scheduler, scheduler_interval: an own learning-rate scheduler instead of the warm-up/cosine (needs
+            ``warmup_epochs: null``).
+        warmup_epochs, warmup_start_lr, min_lr: linear warmup from ``warmup_start_lr`` to the optimiser's lr over
+            ``warmup_epochs`` epochs, then cosine decay to ``min_lr`` at the end of the fit (paper: 5 epochs from
+            2e-5, to 1e-5). Stepped per optimizer step, the epochs converted with the optimizer steps of one epoch
+            (``BaseTask``): at every epoch boundary the rate is the paper's per-epoch value.
         cache_dir: folder of the feature cache; None extracts features at every step.
         cache_dtype: storage precision of cached values.
         cache_tier: ``latents`` (inverted latents, ~24 KB per 256 px sample) or ``pyramid`` (~21 MB).
@@ -86,6 +91,8 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
     """
 
     frozen_module_names = ("extractor",)
+    eval_module_names = ("extractor",)
+    hparams_ignore = TASK_FIELDS
 
     def __init__(
         self,
@@ -98,7 +105,9 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         ignore_index: int | None = None,
         dataset_key: str | None = None,
         optimizer: OptimizerCallable = paper_adamw,
-        warmup_epochs: int = 5,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+        warmup_epochs: float | None = 5,
         warmup_start_lr: float = 2e-5,
         min_lr: float = 1e-5,
         cache_dir: str | None = None,
@@ -106,8 +115,14 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         cache_tier: CacheTier = "latents",
         init_seed: int | None = None,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["extractor", "fusion", "head", "optimizer", *TASK_FIELDS])
+        super().__init__(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scheduler_interval=scheduler_interval,
+            warmup_epochs=warmup_epochs,
+            warmup_start_lr=warmup_start_lr,
+            min_lr=min_lr,
+        )
         self.extractor = extractor
         self.init_seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if init_seed is None else init_seed
         layout = {"block_layout": extractor.block_layout} if _accepts(fusion, "block_layout") else {}
@@ -116,10 +131,6 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
         if not isinstance(getattr(self.fusion, "out_channels", None), int):
             raise TypeError(f"fusion {type(self.fusion).__name__} must expose an integer `out_channels`")
         self.build_head = head
-        self.build_optimizer = optimizer
-        self.warmup_epochs = warmup_epochs
-        self.warmup_start_lr = warmup_start_lr
-        self.min_lr = min_lr
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
         self.cache_tier = cache_tier
@@ -158,15 +169,16 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
             )
         with _seeded(self.init_seed + 1):
             self.head = self.build_head(self.fusion.out_channels, self.task["num_classes"])
-        metrics = task_metrics(
+        self.build_metrics()
+
+    def configure_metrics(self) -> MetricCollection:
+        """The task's GEO-Bench metrics (``metrics.geobench``), cloned per split by ``build_metrics``."""
+        return task_metrics(
             self.task["task_type"],
             self.task["num_classes"],
             self.task["class_names"],
             self.task["ignore_index"],
         )
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
 
     def configure_model(self) -> None:
         """Build head, metrics and cache once the datamodule (already set up) has told the task.
@@ -259,36 +271,3 @@ class DiFuserModule(FrozenPartsCheckpointMixin, LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "test", self.test_metrics)
-
-    def _log_epoch_metrics(self, metrics: MetricCollection) -> None:
-        self.log_dict(metrics.compute())
-        metrics.reset()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch_metrics(self.train_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics(self.val_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics(self.test_metrics)
-
-    # ------------------------------------------------------------------------------------------ optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.build_optimizer(trainable)
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is None or max_epochs < 1:
-            raise ValueError("the cosine learning-rate schedule needs a finite trainer.max_epochs")
-        cosine = CosineAnnealingLR(
-            optimizer, T_max=max(1, max_epochs - self.warmup_epochs), eta_min=self.min_lr
-        )
-        if self.warmup_epochs > 0:
-            base_lr = optimizer.param_groups[0]["lr"]
-            warmup = LinearLR(
-                optimizer, start_factor=self.warmup_start_lr / base_lr, total_iters=self.warmup_epochs
-            )
-            scheduler = SequentialLR(optimizer, [warmup, cosine], milestones=[self.warmup_epochs])
-        else:
-            scheduler = cosine
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from lightning_modules.forecast_task import ForecastTask, sample_keys
 from lightning_modules.frozen import FrozenPartsCheckpointMixin
-from lightning_modules.schedules import optimizer_steps, warmup_cosine
+from lightning_modules.schedules import warmup_cosine
 from metrics.functional import ssim
 from metrics.losses import HybridIJEPALoss, flow_matching_loss
 from networks.flow_matching import FlowMatching, add_noise, clean_estimate, velocity_target
@@ -31,6 +32,11 @@ EMBEDDING_METRICS = ("embedding_cosine", "embedding_l1", "pred_std", "target_std
 """What the I-JEPA-only model reports at validation and test (no image is generated)."""
 
 
+def paper_adamw(params) -> torch.optim.Optimizer:
+    """Appendix B's optimiser: AdamW, peak learning rate 1e-4, initial weight decay 0.04."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.04)
+
+
 def stable_seed(*parts: Any) -> int:
     """A 63-bit seed from ``parts`` via SHA-256: identical in every process (Python's ``hash`` is salted)."""
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
@@ -40,6 +46,16 @@ def stable_seed(*parts: Any) -> int:
 def stable_uniform(*parts: Any) -> float:
     """A number in [0, 1) fixed by ``parts`` (used to pick a seeded subset of windows)."""
     return stable_seed(*parts) / 2**63
+
+
+def pixel_keys(frame: Tensor) -> list[str]:
+    """One identity per sample from its input pixels, for batches that do not name their windows."""
+    return [hashlib.sha256(sample.tobytes()).hexdigest() for sample in frame.detach().float().cpu().numpy()]
+
+
+def run_seed() -> int:
+    """The run's ``seed_everything`` seed (the same in every DDP process; 0 when the run was not seeded)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def grid_mismatches(
@@ -119,13 +135,20 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
     it is in or on the DDP layout, and differs between samples and rollout steps; samples without those keys
     (direct calls) are seeded from their input pixels instead.
 
+    Training draws (I-JEPA block positions, noise levels s, noise eps) come from generators seeded per sample by
+    (run seed, global step, sample identity), the blocks' sizes from one seeded by (run seed, global step): a
+    sample draws the same values in any batch and after a restart, so 2 DDP ranks with batch b train like one
+    process with batch 2b, while different samples (hence ranks) and steps draw different values. The adapter's
+    reference dropout and the ``ssim_subset`` choice are per-batch draws from each rank's own global stream.
+
     I-JEPA-only mode (``train_diffusion: false``, ``backbone``/``adapter`` null, configs/ijepa_only.yaml):
     nothing of SD3.5 is built; validation and test report the embedding metrics (cosine, L1, per-channel std)
     under ``val|test/ijepa/``, and the test row is named "<name> (I-JEPA only)".
 
     Frozen SD3 transformer/VAE weights and the prompt embedding are rebuilt from config and never enter
-    checkpoints or the optimizer; AdamW trains encoder, predictor, projection head, adapter and LoRA, with weight
-    decay (cosine ``weight_decay`` -> ``final_weight_decay``) on matrices only, never on biases and norms.
+    checkpoints or the optimizer; the optimizer (AdamW) trains encoder, predictor, projection head, adapter and
+    LoRA, with weight decay (cosine from the optimizer's ``weight_decay`` to ``final_weight_decay``) on matrices
+    only, never on biases and norms.
 
     Args:
         backbone: ``SD3Backbone`` (``from_pretrained`` or ``from_config``); null in the I-JEPA-only mode.
@@ -146,9 +169,13 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
         ssim_decode_bf16: decode for the SSIM term under bf16 autocast instead of float32 (faster on GPUs).
         latent_cache: ``networks.sd3.LatentCache`` for the target latents of fixed windows (null: encode every
             batch; random-crop training never hits it).
-        lr, warmup_start_lr, min_lr, warmup_epochs: linear warmup from ``warmup_start_lr`` to ``lr`` over
-            ``warmup_epochs`` epochs of optimizer steps, then cosine to ``min_lr`` at the last optimizer step.
-        weight_decay, final_weight_decay, betas: AdamW settings (weight decay follows a cosine over training).
+        optimizer: builds the optimizer from two parameter groups (matrices with the optimizer's weight decay,
+            biases and norms without); default AdamW, lr 1e-4, betas (0.9, 0.999), weight decay 0.04.
+        warmup_start_lr, min_lr, warmup_epochs: linear warmup from ``warmup_start_lr`` to the optimizer's lr over
+            ``warmup_epochs`` epochs of optimizer steps, then cosine to ``min_lr`` at the last optimizer step
+            (``BaseTask``'s schedule).
+        final_weight_decay: the weight decay of the matrices at the last optimizer step (cosine from the
+            optimizer's ``weight_decay``).
         sampling_seed: seed of the sampler's per-sample noise (and of the validation subset).
         val_subset_windows: sample forecasts for only about this many validation windows per epoch (a fixed
             subset, seeded by ``sampling_seed``; the others are skipped), and for all of them at the last epoch
@@ -159,6 +186,7 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
     """
 
     frozen_module_names = ("backbone",)
+    eval_module_names = ("target_encoder",)
 
     def __init__(
         self,
@@ -180,19 +208,23 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
         ssim_subset: int | None = None,
         ssim_decode_bf16: bool = False,
         latent_cache: LatentCache | None = None,
-        lr: float = 1e-4,
+        optimizer: OptimizerCallable = paper_adamw,
         warmup_start_lr: float = 2e-5,
         min_lr: float = 1e-6,
-        warmup_epochs: float = 1.0,
-        weight_decay: float = 0.04,
+        warmup_epochs: float | None = 1.0,
         final_weight_decay: float = 0.4,
-        betas: tuple[float, float] = (0.9, 0.999),
         sampling_seed: int = 0,
         val_subset_windows: int | None = None,
         gradient_checkpointing: bool = False,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(
+            optimizer=optimizer,
+            warmup_epochs=warmup_epochs,
+            warmup_start_lr=warmup_start_lr,
+            min_lr=min_lr,
+            **kwargs,
+        )
         self.check_parts(backbone, adapter, encoder, predictor, projection_head, use_ijepa, train_diffusion)
         if use_ijepa:
             mask_generator = mask_generator or MultiBlockMaskGenerator()
@@ -236,13 +268,7 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
         self.ssim_subset = ssim_subset
         self.ssim_decode_bf16 = ssim_decode_bf16
         self.latent_cache = latent_cache
-        self.lr = lr
-        self.warmup_start_lr = warmup_start_lr
-        self.min_lr = min_lr
-        self.warmup_epochs = warmup_epochs
-        self.weight_decay = weight_decay
         self.final_weight_decay = final_weight_decay
-        self.betas = tuple(betas)
         self.sampling_seed = sampling_seed
         self.val_subset_windows = val_subset_windows
         if not train_diffusion:
@@ -297,13 +323,22 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
         zeros, left out through ``has_embedding``, when the batch has no ``embedding`` (no embedding files)."""
         if "embedding" not in batch:
             return torch.zeros_like(like)
-        tokens = pool_patch_embedding(batch["embedding"], self.patch_size)
+        data_pool = batch["image"].shape[-1] // batch["embedding"].shape[-1]  # the loader's pre-pooling
+        if self.patch_size % data_pool:
+            raise ValueError(
+                f"data.init_args.embedding_patch_size={data_pool} must divide the encoder's patch size "
+                f"{self.patch_size} ({MODEL_KEY}.encoder.init_args.patch_size)"
+            )
+        tokens = pool_patch_embedding(batch["embedding"], self.patch_size // data_pool)
         return tokens if indices is None else gather_tokens(tokens, indices)
 
     def ijepa_terms(self, frame: Tensor, batch: dict[str, Any], target_features: Tensor) -> dict[str, Tensor]:
         """Hybrid I-JEPA loss terms on the target blocks of a freshly drawn multi-block mask."""
         context_indices, target_indices = (
-            indices.to(frame.device) for indices in self.mask_generator(frame.shape[0])
+            indices.to(frame.device)
+            for indices in self.mask_generator(
+                frame.shape[0], self.step_generator("mask shapes"), self.sample_generators(batch, "mask")
+            )
         )
         context = self.encoder(frame, context_indices)
         pred_features = self.predictor(context, context_indices, target_indices)
@@ -373,8 +408,13 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
     ) -> dict[str, Tensor]:
         """Flow-matching MSE (valid latent cells) and the SSIM term; ``total`` is their weighted sum."""
         clean = self.target_latents(batch)
-        noise = torch.randn_like(clean)
-        sigmas = self.flow_matching.sample_sigmas(clean.shape[0], clean.device)
+        noise = torch.stack(
+            [torch.randn(clean.shape[1:], generator=g) for g in self.sample_generators(batch, "noise")]
+        ).to(clean)
+        cpu = torch.device("cpu")
+        sigmas = torch.cat(
+            [self.flow_matching.sample_sigmas(1, cpu, g) for g in self.sample_generators(batch, "sigma")]
+        ).to(clean.device)
         noisy = add_noise(clean, noise, sigmas)
         tokens, pooled, gate = self.conditioning(semantics, frame)
         velocity = self.backbone.velocity(noisy, sigmas, tokens, pooled)
@@ -390,8 +430,7 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
     def sampling_noise(self, frame: Tensor, latent_shape: torch.Size, keys: list[str] | None) -> Tensor:
         """One noise tensor per sample from its own generator (see the class docstring), on ``frame``'s device."""
         if keys is None:  # no identities: seed each sample from its own input pixels
-            pixels = frame.detach().float().cpu().numpy()
-            keys = [hashlib.sha256(sample.tobytes()).hexdigest() for sample in pixels]
+            keys = pixel_keys(frame)
         if len(keys) != latent_shape[0]:
             raise ValueError(f"got {len(keys)} sample keys for a batch of {latent_shape[0]}")
         noise = [
@@ -424,6 +463,19 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
         return self.forecast(image, sample_keys)
 
     # ----- training ----------------------------------------------------------------------------------------
+    def sample_generators(self, batch: dict[str, Any], draw: str) -> list[torch.Generator]:
+        """One CPU generator per sample for the training draw ``draw``, seeded by (run seed, global step,
+        ``draw``, the sample's window identity, or its input pixels where the batch does not name its windows)."""
+        keys = sample_keys(batch) or pixel_keys(batch["image"][:, -1])
+        return [
+            torch.Generator().manual_seed(stable_seed(run_seed(), "train", self.global_step, draw, key))
+            for key in keys
+        ]
+
+    def step_generator(self, draw: str) -> torch.Generator:
+        """A CPU generator for a per-batch training draw, the same in every DDP process at this step."""
+        return torch.Generator().manual_seed(stable_seed(run_seed(), "train", self.global_step, draw))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image = batch["image"]
         self.check_history(image)
@@ -555,52 +607,29 @@ class ForecastModule(FrozenPartsCheckpointMixin, ForecastTask):
         if self.train_diffusion:
             return super().on_test_epoch_end()
         values = {
-            f"test/ijepa/{name}": metric.compute()
-            for name, metric in self.embedding_test_means.items()
-            if metric.update_count
+            f"test/ijepa/{name}": value
+            for name, value in self.epoch_metrics(self.embedding_test_means).items()
         }
         self.log_dict(values)
-        for metric in self.embedding_test_means.values():
-            metric.reset()
         if self.trainer.is_global_zero:
             row = ", ".join(f"{key.rsplit('/', 1)[-1]} {float(value):.4f}" for key, value in values.items())
             print(f"{self.model_name()}: {row}")
 
     # ----- optimisation ------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Matrices (group 0, the optimizer's weight decay) and biases/norms (group 1, no weight decay)."""
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
                 (no_decay if param.ndim <= 1 else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.lr,
-            betas=self.betas,
-        )
-        total, warmup = self.schedule_steps()
-        scheduler = LambdaLR(
-            optimizer,
-            lambda step: (
-                warmup_cosine(step, total, warmup, self.warmup_start_lr, self.lr, self.min_lr) / self.lr
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def schedule_steps(self) -> tuple[int, int]:
-        """Total optimizer steps of this fit and warm-up steps (``warmup_epochs`` epochs of optimizer steps)."""
-        steps_per_epoch, total = optimizer_steps(self.trainer)
-        return total, min(round(self.warmup_epochs * steps_per_epoch), total)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Cosine weight-decay schedule over the optimizer steps on the decayed parameter group (group 0)."""
         total, _ = self.schedule_steps()
-        decay = warmup_cosine(
-            self.global_step, total, 0, self.weight_decay, self.weight_decay, self.final_weight_decay
-        )
         optimizer = self.optimizers().optimizer
+        initial = optimizer.defaults["weight_decay"]
+        decay = warmup_cosine(self.global_step, total, 0, initial, initial, self.final_weight_decay)
         optimizer.param_groups[0]["weight_decay"] = decay
         self.log("train/weight_decay", decay)
         self.log("train/lr", optimizer.param_groups[0]["lr"])

@@ -1,8 +1,8 @@
 """Shared evaluation machinery for every next-frame forecaster (baselines and Sat-JEPA-Diff).
 
-A subclass only says how to forecast (``forecast``) and how to train (``training_step``,
-``configure_optimizers``); this base class does the rest identically for all models, so their numbers are
-comparable:
+A subclass only says how to forecast (``forecast``) and how to train (``training_step``; optimizer and
+schedule follow ``lightning_modules.base.BaseTask``); this class does the rest identically for all models, so
+their numbers are comparable:
 
 - validation: clamped forecasts, ``val/loss`` (the checkpoint monitor, ``validation_loss``), ``val/<metric>``
   on valid pixels only (the batch ``mask``; ``owned`` makes overlapping grid windows count each pixel once),
@@ -10,35 +10,35 @@ comparable:
 - test on single-step batches (``image``/``target``): ``test/<metric>``;
 - test on sequence batches (``images``, DataModule ``sequence: true``): an autoregressive rollout from
   ``rollout_start`` to the last frame, each forecast fed back as input, metrics per step as
-  ``test/step_<n>/<metric>`` against the real frames, and a rollout strip PNG per sequence;
+  ``test/step_<n>/<metric>`` against the real frames, one rollout figure per region (its first window) and a
+  plot of each metric per step for every model in the results CSV (``figures``);
 - end of test: one table row with every metric (one per rollout step), printed, logged and appended to a CSV
   in the run folder (``metrics.table``), so several models' tests can be shown side by side;
-- predict: each forecast written as a float32 GeoTIFF with its window's CRS and transform.
+- predict: forecasts (``horizon`` steps per window) returned with the batch's metadata, written by the prediction
+  writer ``callbacks.MosaicWriter`` (scene mosaics as Cloud-Optimized GeoTIFFs, or one GeoTIFF per window).
 
 Per-step rollout metrics are created on first use, so under DDP every rank must see sequences of one length.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import rasterio
 import torch
-from affine import Affine
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
-from rasterio.crs import CRS
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
-from callbacks.images import rollout_strip, run_directory, save_and_log_image
+from callbacks.images import run_directory, save_and_log_image
+from figures import RegionRollouts, metrics_per_step_figure
+from lightning_modules.base import BaseTask
 from metrics.forecast import ForecastMetrics
 from metrics.functional import l1
-from metrics.table import append_row, format_table, metric_row
+from metrics.table import append_row, format_table, metric_row, read_rows
 
 RESULTS_CSV_NAME = "test_results.csv"
 
@@ -57,30 +57,6 @@ def masked_pixel_loss(
     return loss(forecast[keep].view(1, 1, 1, -1), target[keep].view(1, 1, 1, -1))
 
 
-def write_forecast_geotiff(path: Path, forecast: Tensor, crs_wkt: str, transform: tuple[float, ...]) -> None:
-    """Write a ``(C, H, W)`` forecast as float32 GeoTIFF via a temporary name, so no half file is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    array = forecast.detach().float().cpu().numpy()
-    profile = {
-        "driver": "GTiff",
-        "dtype": "float32",
-        "count": array.shape[0],
-        "height": array.shape[1],
-        "width": array.shape[2],
-        "crs": CRS.from_wkt(crs_wkt),
-        "transform": Affine(*transform[:6]),
-    }
-    try:
-        with rasterio.open(partial, "w", **profile) as dst:
-            dst.write(array)
-        os.replace(partial, path)
-    except OSError as error:
-        raise OSError(f"could not write the forecast GeoTIFF {path}: {error}") from error
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def sample_keys(
     batch: dict[str, Any], target_times: list[str] | None = None, step: int = 1
 ) -> list[str] | None:
@@ -97,7 +73,7 @@ def sample_keys(
     ]
 
 
-class ForecastTask(LightningModule, ABC):
+class ForecastTask(BaseTask, ABC):
     """Base LightningModule for forecasting ``(B, k, 3, H, W)`` histories to the next frame ``(B, 3, H, W)``.
 
     Args:
@@ -109,7 +85,10 @@ class ForecastTask(LightningModule, ABC):
         results_csv: CSV the test rows are appended to (default: ``<default_root_dir>/test_results.csv``, shared
             by every run under that folder).
         rollout_start: index of the last real frame a rollout starts from (default: ``history - 1``).
+        **kwargs: ``BaseTask`` keys (optimizer, scheduler, warm-up/cosine schedule).
     """
+
+    metric_splits = ("val", "test")
 
     def __init__(
         self,
@@ -121,8 +100,9 @@ class ForecastTask(LightningModule, ABC):
         predict_dir: str | None = None,
         results_csv: str | None = None,
         rollout_start: int | None = None,
+        **kwargs: Any,
     ):
-        super().__init__()
+        super().__init__(**kwargs)
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
         start = history - 1 if rollout_start is None else rollout_start
@@ -138,8 +118,9 @@ class ForecastTask(LightningModule, ABC):
         self.rollout_start = start
         self.last_val_images: dict[str, Tensor] | None = None
         self.rollout_metrics = nn.ModuleDict()
+        self.region_rollouts = RegionRollouts()
         self.single_step_test_batches = 0
-        self.configure_metrics()
+        self.build_metrics()
 
     # ----- what subclasses provide -------------------------------------------------------------------------
     @abstractmethod
@@ -155,13 +136,11 @@ class ForecastTask(LightningModule, ABC):
         return self.name or type(self).__name__
 
     # ----- shared machinery --------------------------------------------------------------------------------
-    def configure_metrics(self) -> None:
-        """Build the forecast metrics once and clone them per split (torchgeo's trainer pattern)."""
-        metrics = ForecastMetrics(
+    def configure_metrics(self) -> MetricCollection:
+        """The forecast metrics, cloned into ``val_metrics`` and ``test_metrics`` by ``build_metrics``."""
+        return ForecastMetrics(
             lpips_weights=self.lpips_weights, fid_weights=self.fid_weights, fid_feature=self.fid_feature
         )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
 
     def check_history(self, image: Tensor) -> None:
         """Fail clearly when the DataModule's history length differs from the model's ``history`` key."""
@@ -192,12 +171,9 @@ class ForecastTask(LightningModule, ABC):
                 "input": batch["image"][:, -1].detach().cpu(),
                 "target": batch["target"].detach().cpu(),
                 "forecast": forecast.detach().cpu(),
+                "mask": batch["mask"].detach().cpu(),
             }
         return loss
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute())  # already reduced over ranks by torchmetrics
-        self.val_metrics.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "images" in batch:
@@ -222,7 +198,7 @@ class ForecastTask(LightningModule, ABC):
             )
         frames = list(images[:, : start + 1].unbind(1))
         valid_inputs = masks[:, : start + 1].all(dim=1)
-        forecasts = []
+        forecasts, scored = [], []
         for step, target_index in enumerate(range(start + 1, num_frames), start=1):
             keys = sample_keys(batch, [times[target_index] for times in batch["times"]], step)
             forecast = self.predict_next(torch.stack(frames[-self.history :], dim=1), keys)
@@ -230,8 +206,9 @@ class ForecastTask(LightningModule, ABC):
             forecasts.append(forecast)
             metrics = self.step_metrics(step)
             valid = valid_inputs & masks[:, target_index]
+            scored.append(valid)
             metrics.update(forecast, images[:, target_index], mask=valid, owned=batch.get("owned"))
-        self.save_rollout_strips(batch, torch.stack(forecasts, dim=1), batch_idx)
+        self.keep_rollout_windows(batch, torch.stack(forecasts, dim=1), torch.stack(scored, dim=1))
 
     def step_metrics(self, step: int) -> nn.Module:
         """Metrics of rollout step ``step`` (``test/step_<n>/``), created on first use."""
@@ -242,30 +219,52 @@ class ForecastTask(LightningModule, ABC):
             self.rollout_metrics[key] = metrics.to(self.device)
         return self.rollout_metrics[key]
 
-    def save_rollout_strips(self, batch: dict[str, Any], forecasts: Tensor, batch_idx: int) -> None:
-        """Save one strip PNG per sequence (real frames over forecasts) and log it to W&B when attached."""
-        folder = run_directory(self.trainer) / "rollouts"
+    def keep_rollout_windows(self, batch: dict[str, Any], forecasts: Tensor, scored: Tensor) -> None:
+        """Keep each region's first window (``forecasts`` ``(B, F, 3, H, W)``, ``scored`` ``(B, F, H, W)`` the
+        pixels each step is scored on) for its rollout figure, drawn at the end of the test."""
         for i, region in enumerate(batch["region"]):
-            strip = rollout_strip(batch["images"][i], forecasts[i], times=batch["times"][i])
-            path = folder / f"{self.model_name()}_{region}_{batch_idx}_{i}.png"
-            save_and_log_image(
-                strip, path, self.trainer.loggers, key=f"test/rollout/{region}", step=self.global_step
+            self.region_rollouts.add(
+                region, batch["images"][i], forecasts[i], batch["mask"][i], scored[i], batch["times"][i]
             )
+
+    def save_rollout_figures(self) -> None:
+        """Write ``rollouts/<model>_<region>.png`` per region this rank kept and, on rank 0,
+        ``rollouts/metrics_per_step.png`` (each metric per year for every model in the results CSV), each also
+        logged to W&B with its metrics as caption."""
+        folder = run_directory(self.trainer) / "rollouts"  # on every rank: a collective call
+        step_labels = self.region_rollouts.step_labels()
+        for region, picture in self.region_rollouts.pictures(self.model_name()):
+            save_and_log_image(
+                picture.figure, folder / f"{self.model_name()}_{region}.png", self.trainer.loggers,
+                f"test/rollout/{region}", self.global_step, picture.caption,
+            )  # fmt: skip
+        self.region_rollouts = RegionRollouts()
+        if self.trainer.is_global_zero:
+            picture = metrics_per_step_figure(
+                read_rows(self.results_path()), step_labels=step_labels, title="rollout metrics per step"
+            )
+            save_and_log_image(
+                picture.figure, folder / "metrics_per_step.png", self.trainer.loggers,
+                "test/rollout_metrics_per_step", self.global_step, picture.caption,
+            )  # fmt: skip
 
     def on_test_epoch_start(self) -> None:
         self.single_step_test_batches = 0
         self.rollout_metrics.clear()
+        self.region_rollouts = RegionRollouts()
 
     def on_test_epoch_end(self) -> None:
-        values: dict[str, Tensor] = {}
-        if self.single_step_test_batches:
-            values.update(self.test_metrics.compute())
-            self.test_metrics.reset()
+        values = self.epoch_metrics(self.test_metrics)
         for metrics in self.rollout_metrics.values():
-            values.update(metrics.compute())
-            metrics.reset()
-        self.log_dict(values)  # already reduced over ranks by torchmetrics
+            values.update(self.epoch_metrics(metrics))
+        self.log_dict(values)
         self.report_test_row({key: float(value) for key, value in values.items()})
+        if self.rollout_metrics:
+            self.save_rollout_figures()
+
+    def results_path(self) -> Path:
+        """The results CSV test rows are appended to (``results_csv``, else in the run folder)."""
+        return Path(self.results_csv or Path(self.trainer.default_root_dir) / RESULTS_CSV_NAME)
 
     @rank_zero_only
     def report_test_row(self, values: dict[str, float]) -> None:
@@ -275,7 +274,7 @@ class ForecastTask(LightningModule, ABC):
             rows[self.model_name()] = metric_row(values)
         for step in self.rollout_metrics:
             rows[f"{self.model_name()} step {step}"] = metric_row(values, prefix=f"test/step_{step}/")
-        path = Path(self.results_csv or Path(self.trainer.default_root_dir) / RESULTS_CSV_NAME)
+        path = self.results_path()
         for model, metrics in rows.items():
             append_row(path, model, metrics)
         print(format_table(rows))
@@ -301,17 +300,22 @@ class ForecastTask(LightningModule, ABC):
                 f"predictions folder {folder} is not writable (model.init_args.predict_dir): {error}",
             ) from None
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Write each forecast as ``<region>_<target_time>_<x>_<y>.tif`` (window origin) and return the paths."""
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Forecast ``horizon`` steps per window (the batch's ``horizon``, else 1; each forecast fed back as the
+        newest input) and return the batch's metadata with ``forecast`` ``(B, steps, 3, H, W)``, for the
+        prediction writer (``callbacks.MosaicWriter``) to write."""
         if "image" not in batch:
             raise ValueError("predict writes next-frame forecasts; set the DataModule's `sequence` to false")
-        forecast = self.predict_next(batch["image"], sample_keys(batch))
-        folder = self._predictions_folder()
-        paths = []
-        for i in range(forecast.shape[0]):
-            transform = tuple(float(v) for v in batch["transform"][i])
-            origin = f"{transform[2]}_{transform[5]}"
-            path = folder / f"{batch['region'][i]}_{batch['target_time'][i]}_{origin}.tif"
-            write_forecast_geotiff(path, forecast[i], batch["crs"][i], transform)
-            paths.append(str(path))
-        return paths
+        steps = int(batch["horizon"].max()) if "horizon" in batch else 1
+        frames, forecasts = list(batch["image"].unbind(1)), []
+        for step in range(1, steps + 1):
+            forecast = self.predict_next(
+                torch.stack(frames[-self.history :], dim=1), sample_keys(batch, step=step)
+            )
+            frames.append(forecast)
+            forecasts.append(forecast)
+        inputs = ("image", "target", "embedding", "has_embedding")
+        return {
+            **{k: v for k, v in batch.items() if k not in inputs},
+            "forecast": torch.stack(forecasts, dim=1),
+        }

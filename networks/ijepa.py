@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -270,11 +271,13 @@ class EMATargetEncoder(nn.Module):
 class MultiBlockMaskGenerator:
     """I-JEPA multi-block masking on the patch grid (Appendix B.4), sampled per batch.
 
-    ``__call__(batch_size, generator=None)`` returns ``(context_indices, target_indices)``, LongTensors of shapes
-    (B, K_ctx) and (B, K_tgt) with sorted row-major grid indices. Block sizes are drawn once per batch (so
-    every sample has the same token count, as tensors must), block positions per sample. A block of scale s
-    and aspect ratio r covers about s * grid_size**2 tokens with height/width about r (rounded to the grid,
-    clipped to it). The union of ``num_context_blocks`` (``num_target_blocks``) blocks forms the context
+    ``__call__(batch_size, generator=None, sample_generators=None)`` returns ``(context_indices, target_indices)``,
+    LongTensors of shapes (B, K_ctx) and (B, K_tgt) with sorted row-major grid indices. Block sizes are drawn once
+    per batch from ``generator`` (so every sample has the same token count, as tensors must), block positions per
+    sample from that sample's entry of ``sample_generators`` (default: ``generator`` too). Per-sample generators
+    make a sample's mask independent of the batch it is in (so DDP ranks and one process draw the same masks).
+    A block of scale s and aspect ratio r covers about s * grid_size**2 tokens with height/width about r (rounded
+    to the grid, clipped to it). The union of ``num_context_blocks`` (``num_target_blocks``) blocks forms the context
     (target) set; if unions differ in size within the batch, each sample keeps a random subset of the smallest
     size. Context and target may overlap (the paper's setting): the target is the future frame, so seeing the
     same place at time t is the forecasting task, not a leak. ``min_keep`` is checked against the smallest
@@ -354,22 +357,35 @@ class MultiBlockMaskGenerator:
             cells[top : top + height, left : left + width] = True
         return cells.flatten().nonzero().squeeze(1)
 
-    def _stack_equal(self, index_sets: list[torch.Tensor], generator) -> torch.Tensor:
+    def _stack_equal(self, index_sets: list[torch.Tensor], generators: Sequence) -> torch.Tensor:
         size = min(len(indices) for indices in index_sets)
-        kept = [indices[torch.randperm(len(indices), generator=generator)[:size]] for indices in index_sets]
+        kept = [
+            indices[torch.randperm(len(indices), generator=generator)[:size]]
+            for indices, generator in zip(index_sets, generators, strict=True)
+        ]
         return torch.stack([indices.sort().values for indices in kept])
 
     def __call__(
-        self, batch_size: int, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        sample_generators: Sequence[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.grid_size is None:
             raise ValueError(
                 "MultiBlockMaskGenerator has no grid_size: set it, or use it inside ForecastModule"
             )
+        if sample_generators is None:
+            sample_generators = [generator] * batch_size
+        elif len(sample_generators) != batch_size:
+            raise ValueError(
+                f"MultiBlockMaskGenerator got {len(sample_generators)} sample generators for a batch of {batch_size}"
+            )
         context_shape = self._draw_shape(self.context_scale, self.context_aspect_ratio, generator)
         target_shape = self._draw_shape(self.target_scale, self.aspect_ratio, generator)
         contexts, targets = [], []
-        for _ in range(batch_size):
-            targets.append(self._union_of_blocks(target_shape, self.num_target_blocks, generator))
-            contexts.append(self._union_of_blocks(context_shape, self.num_context_blocks, generator))
-        return self._stack_equal(contexts, generator), self._stack_equal(targets, generator)
+        for sample_generator in sample_generators:
+            targets.append(self._union_of_blocks(target_shape, self.num_target_blocks, sample_generator))
+            contexts.append(self._union_of_blocks(context_shape, self.num_context_blocks, sample_generator))
+        # Several blocks per set: unions differ in size, and the size kept (the smallest) depends on the batch.
+        return self._stack_equal(contexts, sample_generators), self._stack_equal(targets, sample_generators)

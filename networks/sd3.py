@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
 )
+
+from fileio import atomic_open
 
 PAPER_PROMPT = (
     "High-resolution Sentinel-2 satellite image, multispectral earth observation, natural colors RGB composite, "
@@ -377,9 +378,8 @@ class LatentCache:
     def store(self, key: str, latent: Tensor) -> None:
         self.memory[key] = latent.detach().cpu()
         if self.folder is not None:
-            partial = self.path(key).with_suffix(".partial")
-            torch.save(self.memory[key], partial)
-            os.replace(partial, self.path(key))
+            with atomic_open(self.path(key), "wb") as stream:
+                torch.save(self.memory[key], stream)
 
     @torch.no_grad()
     def encode(self, backbone: SD3Backbone, images: Tensor, keys: list[str]) -> Tensor:

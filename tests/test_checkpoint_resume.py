@@ -184,6 +184,53 @@ def test_restart_after_the_last_batch_of_an_epoch_still_validates_it(tmp_path):
     )
 
 
+class _StepsScheduledToy(ToyRegression):
+    """LR decaying over ``trainer.estimated_stepping_batches`` (as ForecastModule's warm-up/cosine): reading it in
+    ``configure_optimizers`` sets up the train loader, and starts its workers, before Lightning restores the loops."""
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.head.parameters(), lr=self.hparams.lr)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / (total + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _KilledAfterStep(Callback):
+    """Stands for a SIGKILL right after the checkpoint of optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Killed
+
+
+@pytest.mark.parametrize("killed_after", [10, 13], ids=["epoch-end checkpoint", "mid-epoch-1 checkpoint"])
+def test_resume_in_a_later_epoch_with_workers_and_a_steps_schedule_is_exact(tmp_path, killed_after):
+    # 10 batches per epoch; the loader's workers draw their first indices as soon as its iterator exists. The resumed
+    # epoch 1 must get epoch 1's order and jitter (and skip its done batches), not epoch 0's.
+    def run(root, extra=(), ckpt_path=None):
+        callbacks = [
+            *extra,
+            TrainableEMA(decay=0.9),
+            ExactResume(seed=0),
+            LastCheckpoint(every_n_train_steps=13),
+        ]
+        trainer = _trainer(root, callbacks, max_epochs=2, num_sanity_val_steps=0)
+        torch.manual_seed(0)
+        data = ToyData(augment_std=0.1, num_workers=2)
+        trainer.fit(_StepsScheduledToy(), datamodule=data, ckpt_path=ckpt_path)
+        return torch.load(Path(root) / "checkpoints" / "last.ckpt", weights_only=False)
+
+    reference = run(tmp_path / "reference")
+    with pytest.raises(_Killed):
+        run(tmp_path / "resumed", extra=[_KilledAfterStep(killed_after)])
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == killed_after
+    _assert_same_training_state(reference, run(tmp_path / "resumed", ckpt_path=str(last)))
+
+
 class _RawWeights(Callback):
     """The trainable weights after each optimizer step (before the EMA callback swaps anything)."""
 

@@ -15,10 +15,10 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.loggers import WandbLogger
 from rasterio.windows import Window
 
-from lightning_cli import main
+from datamodules.synthetic.geobench import write_cashew_plant, write_eurosat
+from datamodules.synthetic.s2 import make_s2_dataset
+from lightning_cli import main, resources
 from lightning_cli.cli import config_error_line
-from tests.fixtures.make_geobench import write_cashew_plant, write_eurosat
-from tests.fixtures.make_s2_dataset import make_s2_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO_ROOT / "data" / "demo"
@@ -68,7 +68,9 @@ def test_fit_test_predict_tiny_config(name, tmp_path):
     ]
     assert float(rows[0]["l1"]) == pytest.approx(float(test.trainer.callback_metrics["test/l1"]), rel=1e-5)
 
-    main(["predict", *args, *checkpoint, "--trainer.limit_predict_batches", "1"])
+    # per-window pairs (scene mosaics, the default, are tested in test_mosaic.py)
+    main(["predict", *args, *checkpoint, "--trainer.limit_predict_batches", "1",
+          "--data.init_args.predict_mode", "pairs"])  # fmt: skip
     outputs = sorted((tmp_path / "predictions").iterdir())
     assert len(outputs) == 4 and all(path.suffix == ".tif" for path in outputs)
     for path in outputs:
@@ -251,6 +253,26 @@ def test_history_is_set_once_under_data(tmp_path, capsys):
     assert "'model.init_args.history' (3)" in last_line and "'data.init_args.history' (1)" in last_line
 
 
+def test_window_size_is_set_once_under_data(tmp_path, capsys):
+    """The shipped forecast config sets its window size only as data.patch_size; the encoder's img_size follows."""
+    args = ["--config", str(REPO_ROOT / "configs" / "tiny" / "forecast.yaml"), "--data.init_args.root"]
+    args += [str(DEMO_DATA), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    grid = [
+        "--model.init_args.predictor.init_args.grid_size",
+        "16",
+        "--model.init_args.adapter.init_args.semantic_grid",
+    ]
+    cli = main([*args, "--data.init_args.patch_size", "128", *grid, "16"], run=False)
+    assert cli.datamodule.patch_size == cli.model.encoder.img_size == 128
+    assert cli.model.encoder.grid_size == 128 // cli.model.encoder.patch_size
+
+    with pytest.raises(SystemExit):
+        main([*args, "--model.init_args.encoder.init_args.img_size", "48"], run=False)
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'model.init_args.encoder.init_args.img_size' (48)" in last_line
+    assert "'data.init_args.patch_size' (64)" in last_line
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -300,16 +322,32 @@ def test_every_config_family_fits_with_a_logger(family, tmp_path, monkeypatch):
         data = ["--data.init_args.root", str(tmp_path / "geobench")]
     # the default logger, explicitly offline: every family must fit with it
     logger = ["--trainer.logger", "WandbLogger", "--trainer.logger.offline", "true"]
-    if family == "forecast":  # a path relative to the repository root, not to the config
-        tokenizer = REPO_ROOT / "configs" / "tiny" / "sd3" / "tokenizer"
-        data += [
-            "--model.init_args.backbone.init_args.text_encoders.init_args.tokenizer_path",
-            str(tokenizer),
-        ]
     cli = main(default_logger_fit(REPO_ROOT / "configs" / "tiny" / f"{family}.yaml", *data, *logger))
     assert cli.trainer.state.finished and isinstance(cli.trainer.logger, WandbLogger)
     (run,) = (tmp_path / "runs" / "tiny" / family).iterdir()
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+
+
+def test_shipped_config_runs_from_another_folder(tmp_path, monkeypatch):
+    """``--config configs/tiny/forecast.yaml`` and the paths inside it (``root: data/demo``, ``tokenizer_path:
+    configs/tiny/sd3/tokenizer``) are repository-relative: from another folder they name the shipped files."""
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", "configs/tiny/forecast.yaml", "--trainer.logger", "false"], run=False)
+    assert Path(cli.datamodule.root) == resources.demo_data_dir()
+    text_encoders = cli.config.model.init_args.backbone.init_args.text_encoders.init_args
+    assert Path(text_encoders.tokenizer_path) == resources.config_dir() / "tiny" / "sd3" / "tokenizer"
+    cli.datamodule.setup("fit")
+    assert len(cli.datamodule.train_dataloader()) > 0
+
+
+def test_paths_from_the_current_folder_win_over_shipped_ones(tmp_path, monkeypatch):
+    """A ``data/...`` path that exists from the current folder is the user's own data, used as given."""
+    monkeypatch.chdir(tmp_path)
+    make_s2_dataset(tmp_path / "data" / "demo", embeddings=False)
+    cli = main([f"--config={resources.config_dir() / 'tiny' / 'persistence.yaml'}", "--trainer.logger", "false"],
+               run=False)  # fmt: skip
+    assert cli.datamodule.root == Path("data/demo")
+    assert resources.shipped_path("data/missing") is None and resources.shipped_path("data") is None
 
 
 class Loader:

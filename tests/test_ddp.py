@@ -165,7 +165,7 @@ def test_ddp_run_killed_mid_epoch_resumes_exactly(tmp_path):
 def test_difuser_two_process_ddp_matches_single_process(tmp_path):
     # Tiny DiFuser (classification): 4 training images, one step per epoch of 4 images (1 x 4, or 2 ranks x 2). Plain
     # SGD, as in the toy case; the head must start from the same weights however many processes there are.
-    from tests.fixtures.make_geobench import write_eurosat
+    from datamodules.synthetic.geobench import write_eurosat
 
     root = tmp_path / "geobench"
     write_eurosat(root)
@@ -183,5 +183,82 @@ def test_difuser_two_process_ddp_matches_single_process(tmp_path):
     assert checkpoint["global_step"] == single.trainer.global_step == 2
     single_state = single.model.state_dict()
     assert any(name.startswith("head.") for name in checkpoint["state_dict"])
+    for name, value in checkpoint["state_dict"].items():
+        torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+TINY_FORECAST = ["--config", str(REPO_ROOT / "configs" / "tiny" / "forecast.yaml")]
+# Off here, as they depend on the batch a rank holds: the adapter's reference dropout and the SSIM subset (per-batch
+# draws: a subset of 2 of 4 samples is not two subsets of 1 of 2) and the I-JEPA contrastive term (InfoNCE with the
+# other samples of the rank's batch as negatives). Every per-sample draw (masks, noise levels, noise) stays on.
+PER_SAMPLE_TERMS_ONLY = [
+    "--model.init_args.adapter.init_args.reference_dropout",
+    "0",
+    "--model.init_args.ssim_subset",
+    "null",
+    "--model.init_args.ijepa_loss",
+    '{"class_path": "metrics.losses.HybridIJEPALoss", "init_args": {"contrastive_weight": 0}}',
+]
+
+
+def _forecast_batch(regions: list[str]) -> dict:
+    """Demo-sized forecasting samples; ``regions`` name them (equal names, equal pixels)."""
+    images, targets, embeddings = [], [], []
+    for region in regions:
+        generator = torch.Generator().manual_seed(sum(map(ord, region)))
+        images.append(torch.rand(1, 3, 64, 64, generator=generator))
+        targets.append(torch.rand(3, 64, 64, generator=generator))
+        embeddings.append(torch.randn(64, 64, 64, generator=generator))
+    size = len(regions)
+    return {
+        "image": torch.stack(images),
+        "target": torch.stack(targets),
+        "mask": torch.ones(size, 64, 64, dtype=torch.bool),
+        "embedding": torch.stack(embeddings),
+        "has_embedding": torch.ones(size, dtype=torch.bool),
+        "region": regions,
+        "target_time": ["t1"] * size,
+        "transform": [(10.0, 0.0, 1000.0, 0.0, -10.0, 5000.0)] * size,
+    }
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_forecast_training_draws_are_per_sample_so_half_batches_average_to_the_whole(monkeypatch):
+    # What makes 2 ranks x batch b train like one process x batch 2b: the loss terms left on are means over samples,
+    # and each sample draws its mask positions, noise level and noise by its own identity, whichever batch holds it.
+    monkeypatch.chdir(REPO_ROOT)  # the tiny config names its tokenizer relative to the repository
+    module = main([*TINY_FORECAST, *PER_SAMPLE_TERMS_ONLY, "--trainer.logger", "false"], run=False).model
+    module.train()
+    regions = ["a", "b", "c", "d"]
+    with torch.no_grad():
+        whole = module.training_step(_forecast_batch(regions), 0)
+        halves = [module.training_step(_forecast_batch(part), 0) for part in (regions[:2], regions[2:])]
+        torch.testing.assert_close(whole, torch.stack(halves).mean(), rtol=1e-5, atol=0)
+        # the same pixels under another identity draw otherwise (so do DDP ranks, which hold other samples)
+        renamed = _forecast_batch(["a"])
+        renamed["region"] = ["a2"]
+        assert not torch.equal(
+            module.training_step(_forecast_batch(["a"]), 0), module.training_step(renamed, 0)
+        )
+
+
+def test_forecast_two_process_ddp_matches_single_process(tmp_path, monkeypatch):
+    # Tiny Sat-JEPA-Diff: 2 steps of 4 random crops (1 x 4, or 2 ranks x 2, the same crops by ExactResume's order).
+    monkeypatch.chdir(REPO_ROOT)  # the tiny config names its tokenizer relative to the repository
+    common = ["fit", *TINY_FORECAST, "--data.init_args.root", str(REPO_ROOT / "data" / "demo")]
+    common += [*PER_SAMPLE_TERMS_ONLY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    common += ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
+    common += ["--trainer.logger", "false", *QUIET]
+    single = main(
+        [*common, "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "one")]
+    )
+    _run_ddp(
+        [*common, "--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(tmp_path / "ddp")]
+    )
+
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == single.trainer.global_step == 2
+    single_state = single.model.state_dict()
+    assert any(name.startswith("adapter.") for name in checkpoint["state_dict"])
     for name, value in checkpoint["state_dict"].items():
         torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -12,6 +12,7 @@ import wandb
 from lightning.pytorch import Callback, Trainer
 
 from datamodules.geobench import GeoBenchDataModule
+from datamodules.synthetic.geobench import write_cashew_plant, write_eurosat
 from lightning_cli.cli import main
 from lightning_modules.difuser import DiFuserModule
 from metrics.geobench import task_metrics
@@ -22,7 +23,6 @@ from networks.difuser import (
     SingleFeature,
     UPerNetHead,
 )
-from tests.fixtures.make_geobench import write_cashew_plant, write_eurosat
 from tests.test_difuser_extractor import images, tiny_extractor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
@@ -149,21 +149,27 @@ def test_segmentation_miou_uses_one_confusion_matrix_without_ignored_pixels():
     assert torch.isclose(values["pixel_accuracy"], torch.tensor(3 / 5))
 
 
-def test_schedule_warms_up_linearly_then_decays_by_cosine():
+def test_schedule_warms_up_linearly_then_decays_by_cosine(monkeypatch):
+    """The paper's per-epoch values at every epoch boundary of the per-optimizer-step schedule (2 steps/epoch)."""
+    monkeypatch.setattr("lightning_modules.base.optimizer_steps", lambda trainer: (2, 30))  # 15 epochs
     module = small_module("classification", warmup_epochs=5)
     module.trainer = Trainer(max_epochs=15, logger=False, enable_checkpointing=False)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
     rates = []
-    for _ in range(16):
+    for _ in range(31):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert rates[0] == pytest.approx(2e-5)
-    assert rates[5] == pytest.approx(0.01)
-    assert rates[2] == pytest.approx(2e-5 + (0.01 - 2e-5) * 2 / 5)
-    assert rates[15] == pytest.approx(1e-5)
-    assert all(later <= earlier for earlier, later in zip(rates[5:], rates[6:], strict=False))
+    per_epoch = rates[::2]
+    assert per_epoch[0] == pytest.approx(2e-5)
+    assert per_epoch[5] == pytest.approx(0.01)
+    assert per_epoch[2] == pytest.approx(2e-5 + (0.01 - 2e-5) * 2 / 5)
+    assert rates[3] == pytest.approx(2e-5 + (0.01 - 2e-5) * 1.5 / 5)  # between epochs: linear too
+    assert per_epoch[10] == pytest.approx(1e-5 + (0.01 - 1e-5) * 0.5)  # half-way down the cosine
+    assert per_epoch[15] == pytest.approx(1e-5)
+    assert all(later <= earlier for earlier, later in zip(rates[10:], rates[11:], strict=False))
 
 
 def test_task_must_be_known_and_agree_with_the_datamodule():

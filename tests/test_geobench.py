@@ -21,7 +21,7 @@ from datamodules.geobench import (
     decode_attrs_pickle,
     safe_unpickle,
 )
-from tests.fixtures import make_geobench
+from datamodules.synthetic import geobench as make_geobench
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,7 @@ def test_config_keys_parse_with_jsonargparse(bench: Path) -> None:
             "--data.normalization=meanstd",
         ]
     )
-    dm = parser.instantiate_classes(config).data
+    dm = parser.instantiate(config).data
     assert dm.band_names == ["08 - NIR"] and dm.normalization == "meanstd" and dm.batch_size == 32
     with pytest.raises(Exception, match="normalization"):
         parser.parse_args(["--data.task=m-eurosat", f"--data.root={bench}", "--data.normalization=zscore"])
@@ -399,3 +399,21 @@ def test_predict_split_all_covers_every_split(bench: Path) -> None:
     dm = GeoBenchDataModule(task="m-eurosat", root=str(bench), predict_split="all")
     dm.setup("predict")
     assert len(dm.predict_dataset) == 6
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("batch_size", 0), ("batch_size", -1), ("num_workers", -1), ("image_size", 0), ("image_size", -8)],
+)
+def test_bad_loader_key_is_the_last_line_naming_it(bench: Path, tmp_path: Path, capsys, key, value) -> None:
+    from lightning_cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "difuser_cls.yaml"
+    args = ["--config", str(config), "--data.init_args.root", str(bench), f"--data.init_args.{key}={value}"]
+    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args, run=False)
+    assert exit_info.value.code != 0
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and f"data.init_args.{key}" in last_line
+    assert f"got {value}" in last_line and len(last_line) < 200

@@ -1,25 +1,25 @@
-"""Validation grid callback and rollout strips: PNGs in the run folder, W&B logging, contract errors."""
+"""Validation panel callback: PNGs in the run folder, W&B logging with captions, contract errors, brightness."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import rasterio
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks.images import (
-    ForecastImageCallback,
-    forecast_grid,
-    rollout_strip,
-    run_directory,
-    save_and_log_image,
-)
+from callbacks.images import ForecastImageCallback, run_directory, save_and_log_image
+from metrics.functional import psnr
 
 SIZE = 8
+DEMO_REGION = Path(__file__).resolve().parents[1] / "data" / "demo" / "austria_r0c0"
 
 
 class NextFrameData(Dataset):
@@ -89,32 +89,60 @@ def test_callback_writes_one_grid_per_epoch(tmp_path):
     written = sorted(path.name for path in (tmp_path / "images").iterdir())
     assert written == ["epoch_000.png", "epoch_001.png"]  # nothing for the sanity check
     grid = np.asarray(Image.open(tmp_path / "images" / "epoch_001.png"))
-    tile = SIZE + 2
-    assert grid.shape[1] == 4 * tile + 2 and grid.shape[0] > 2 * tile + 2  # 4 columns, 2 samples + labels
-    assert grid.std() > 0
+    assert grid.shape[1] > grid.shape[0] > 0 and grid.std() > 0  # 4 columns side by side, 2 rows
 
 
-def tile_centres(image: Image.Image, rows: int, columns: int) -> np.ndarray:
-    """Red value at the centre of every tile; tiles sit at the bottom right, under/after the labels."""
-    pixels = np.asarray(image)
-    tile = SIZE + 2  # make_grid's padding of 2
-    top, left = image.height - (rows * tile + 2), image.width - (columns * tile + 2)
-    return np.array(
-        [
-            [
-                pixels[top + 2 + row * tile + SIZE // 2, left + 2 + column * tile + SIZE // 2, 0]
-                for column in range(columns)
-            ]
-            for row in range(rows)
-        ]
+def demo_frame(time: str) -> torch.Tensor:
+    """A real Sentinel-2 RGB frame of the shipped demo data, 64 x 64 px, reflectance in [0, 1]."""
+    with rasterio.open(DEMO_REGION / f"s2_rgb_austria_r0c0_{time}_10km.tif") as src:
+        return torch.from_numpy(src.read()[:, :64, :64].astype(np.float32) * 1e-4).clamp(0, 1)
+
+
+class RealFrames(TinyForecaster):
+    """Stores a real persistence forecast (t0 -> t1), so the grid shows a real place and a real error."""
+
+    def validation_step(self, batch, batch_idx):
+        input, target = demo_frame("t0")[None], demo_frame("t1")[None]
+        self.last_val_images = {"input": input, "target": target, "forecast": input.clone()}
+
+
+def test_grid_of_a_real_frame_is_not_dark(tmp_path):
+    """Reflectance 0.03-0.3 mapped linearly to 0-255 made the grid nearly black (median brightness about 0.09 of
+    the picture's non-white pixels); the percentile stretch spreads it."""
+    trainer(tmp_path, callbacks=[ForecastImageCallback()], max_epochs=1).fit(RealFrames(), loader(), loader())
+    pixels = (
+        np.asarray(Image.open(tmp_path / "images" / "epoch_000.png").convert("RGB")).reshape(-1, 3) / 255.0
     )
+    drawn = pixels[(pixels < 0.98).any(axis=1)]  # leave out the white background and padding
+    assert np.median(drawn.mean(axis=1)) > 0.25
 
 
-def test_grid_tiles_show_input_truth_forecast_and_scaled_error():
-    target = torch.zeros(1, 3, SIZE, SIZE)
-    forecast = torch.full_like(target, 0.025)  # a quarter of error_scale
-    grid = forecast_grid(torch.ones_like(target), target, forecast, error_scale=0.1)
-    assert tile_centres(grid, rows=1, columns=4).tolist() == [[255, 0, 6, 64]]
+def test_mask_leaves_invalid_pixels_out_of_the_caption_metrics(tmp_path, monkeypatch):
+    class WithHole(RealFrames):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+            self.last_val_images["forecast"][..., :20, :] = 1.0  # a white band where the data is invalid
+            mask = torch.ones(1, 64, 64, dtype=torch.bool)
+            mask[:, :20] = False
+            self.last_val_images["mask"] = mask
+
+    logger = WandbLogger(save_dir=tmp_path, offline=True)
+    calls = []
+    monkeypatch.setattr(logger, "log_image", lambda **kwargs: calls.append(kwargs))
+    fit = trainer(tmp_path, logger=logger, callbacks=[ForecastImageCallback()], max_epochs=1)
+    fit.fit(WithHole(), loader(), loader())
+    caption = calls[-1]["caption"][0]
+    input, target, mask = (
+        demo_frame("t0")[None],
+        demo_frame("t1")[None],
+        torch.ones(1, 64, 64, dtype=torch.bool),
+    )
+    mask[:, :20] = False
+    assert calls[-1]["key"] == "val/forecast_grid" and caption.startswith(
+        "WithHole validation, epoch 0: sample 0"
+    )
+    assert f"PSNR {float(psnr(input, target, mask=mask)):.2f} dB" in caption
+    assert "GSSIM n/a" in caption  # GSSIM scores fully valid images only
 
 
 def test_module_without_last_val_images_fails_before_training(tmp_path):
@@ -153,26 +181,21 @@ def test_images_go_to_the_run_folder_whatever_the_logger(tmp_path):
     assert not (tmp_path / "logs" / "satdiff" / "version_0" / "images").exists()
 
 
-def test_rollout_strip_puts_truth_over_forecast():
-    truth = torch.zeros(4, 3, SIZE, SIZE)
-    forecast = torch.ones(2, 3, SIZE, SIZE)  # forecasts of the last two frames
-    strip = rollout_strip(truth, forecast, times=["2019", "2020", "2021", "2022"])
-    assert tile_centres(strip, rows=2, columns=4).tolist() == [[0, 0, 0, 0], [128, 128, 255, 255]]
-    with pytest.raises(ValueError, match="3 times for 4 frames"):
-        rollout_strip(truth, forecast, times=["a", "b", "c"])
-    with pytest.raises(ValueError, match="forecast"):
-        rollout_strip(truth, torch.ones(5, 3, SIZE, SIZE))
-
-
-def test_save_and_log_image_logs_to_wandb(tmp_path, monkeypatch):
+def test_save_and_log_image_logs_a_figure_or_png_with_its_caption(tmp_path, monkeypatch):
     logger = WandbLogger(save_dir=tmp_path, offline=True)
     calls = []
     monkeypatch.setattr(logger, "log_image", lambda **kwargs: calls.append(kwargs))
-    strip = rollout_strip(torch.rand(2, 3, SIZE, SIZE), torch.rand(1, 3, SIZE, SIZE))
+    figure = Figure(figsize=(2, 1))
+    figure.subplots().plot([0, 1])
     path = save_and_log_image(
-        strip, tmp_path / "rollouts" / "strip.png", [logger], key="test/rollout", step=3
+        figure, tmp_path / "rollouts" / "a.png", [logger], key="test/rollout", step=3, caption="PSNR 20.00 dB"
     )
     with Image.open(path) as written:
-        assert written.size == strip.size
-    assert len(calls) == 1 and calls[0]["key"] == "test/rollout" and calls[0]["step"] == 3
-    assert calls[0]["images"] == [strip]
+        assert written.format == "PNG" and written.size == (200, 100)
+    assert calls == [{"key": "test/rollout", "images": [str(path)], "step": 3, "caption": ["PSNR 20.00 dB"]}]
+    assert save_and_log_image(path, loggers=[logger], key="again") == path
+    assert calls[-1]["images"] == [str(path)] and "caption" not in calls[-1]
+    with pytest.raises(ValueError, match="needs a path"):
+        save_and_log_image(figure, loggers=[logger])
+    with pytest.raises(FileNotFoundError, match="no PNG"):
+        save_and_log_image(tmp_path / "missing.png")

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
+from datamodules.synthetic.geobench import write_eurosat
 from tests.conftest import REPO_ROOT
-from tests.fixtures.make_geobench import write_eurosat
 
 TINY = REPO_ROOT / "configs" / "tiny"
 DEMO_DATA = REPO_ROOT / "data" / "demo"
@@ -84,14 +84,7 @@ def _step(path: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("model", ["simvp", "forecast", "difuser"])
-def test_random_sigkills_then_resume_match_uninterrupted_run(tmp_path, request, model, layout):
-    if (model, layout) == ("forecast", "2 workers"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="known defect: resumed tiny forecast with 2 workers is off by ~4e-6 (open issue)",
-            )
-        )
+def test_random_sigkills_then_resume_match_uninterrupted_run(tmp_path, model, layout):
     args = [*_model_args(model, tmp_path), "--config", str(_operations(tmp_path)), *LAYOUTS[layout]]
     reference = _start([*args, "--trainer.default_root_dir", str(tmp_path / "reference")])
     output = reference.communicate(timeout=900)[0]

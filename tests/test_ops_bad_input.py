@@ -8,7 +8,6 @@ missing and corrupt samples, missing bands, NaN/Inf, empty split (``tests/test_g
 (``tests/test_faults.py``).
 """
 
-import errno
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,7 @@ import torch
 
 import lightning_modules.forecast_task as forecast_task
 from datamodules.s2_timeseries import S2ForecastDataModule
-from lightning_cli import main
-from tests.conftest import REPO_ROOT
-from tests.fixtures.make_s2_dataset import (
+from datamodules.synthetic.s2 import (
     DN_SCALE,
     REGIONS,
     YEARS,
@@ -30,6 +27,8 @@ from tests.fixtures.make_s2_dataset import (
     rgb_path,
     write_raster,
 )
+from lightning_cli import main
+from tests.conftest import REPO_ROOT
 
 TINY = REPO_ROOT / "configs" / "tiny"
 DEMO_DATA = REPO_ROOT / "data" / "demo"
@@ -88,55 +87,6 @@ def test_missing_metric_weights_name_the_key_before_training(tmp_path, key, caps
         main(args)
     assert key in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "checkpoints").exists(), "training started"
-
-
-class _DiskFullWriter:
-    """Wraps an open GeoTIFF: its ``write`` puts the first band on disk, then fails like a full disk."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __enter__(self):
-        self.dataset.__enter__()
-        return self
-
-    def __exit__(self, *exc_info):
-        return self.dataset.__exit__(*exc_info)
-
-    def write(self, array):
-        self.dataset.write(array[:1], indexes=[1])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def test_full_disk_while_predicting_keeps_earlier_predictions_and_leaves_no_half_file(tmp_path, monkeypatch):
-    out = tmp_path / "predictions"
-    args = ["predict", "--config", str(TINY / "persistence.yaml"), "--data.init_args.root", str(DEMO_DATA)]
-    args += [*QUIET, "--trainer.limit_predict_batches", "1", "--trainer.default_root_dir", str(tmp_path)]
-    args += ["--model.init_args.predict_dir", str(out)]
-    real_open = rasterio.open
-    writes = []
-
-    def open_then_fill_disk_on_third_write(path, mode="r", **kwargs):
-        dataset = real_open(path, mode, **kwargs)
-        if mode != "w":
-            return dataset
-        writes.append(Path(path))
-        return _DiskFullWriter(dataset) if len(writes) == 3 else dataset
-
-    monkeypatch.setattr(forecast_task.rasterio, "open", open_then_fill_disk_on_third_write)
-    with pytest.raises(OSError, match="No space left") as failure:
-        main(args)
-    monkeypatch.undo()
-    assert writes[2].name.removesuffix(".partial") in str(failure.value)  # the error names the file
-
-    assert len(writes) == 3
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        p.name.removesuffix(".partial") for p in writes[:2]
-    )
-    for path in out.iterdir():  # the earlier forecasts are complete GeoTIFFs
-        with rasterio.open(path) as src:
-            data = src.read()
-        assert data.shape == (3, 64, 64) and np.isfinite(data).all() and data.max() > 0
 
 
 def test_unwritable_predictions_folder_fails_before_the_first_forecast(tmp_path, monkeypatch):

@@ -141,7 +141,7 @@ def test_gradient_checkpointing_switch_keeps_loss_and_gradients(monkeypatch):
 
 def test_ema_averages_the_difuser_head_built_in_configure_model(tmp_path):
     # DiFuserModule creates its head in configure_model, after the callbacks' setup: the average must include it.
-    from tests.fixtures.make_geobench import write_eurosat
+    from datamodules.synthetic.geobench import write_eurosat
 
     root = tmp_path / "geobench"
     write_eurosat(root)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from datamodules.s2_timeseries import S2DataError, S2ForecastDataModule, collate_s2, grid_offsets
-from tests.fixtures.make_s2_dataset import (
+from datamodules.synthetic.s2 import (
     BAD_CASES,
     DN_SCALE,
     HEIGHT,
@@ -290,7 +290,8 @@ def test_nodata_and_nan_are_masked_and_bad_windows_skipped(tmp_path):
         assert samples[("2020", offset)]["mask"].all()
 
 
-def test_training_crops_avoid_invalid_areas(tmp_path):
+@pytest.mark.parametrize("embedding_patch_size", [1, 4])
+def test_training_crops_avoid_invalid_areas(tmp_path, embedding_patch_size):
     make_s2_dataset(tmp_path, regions=REGIONS[:2], embeddings=False)
     for region_index, region in enumerate(REGIONS[:2]):
         for year in YEARS:
@@ -299,7 +300,13 @@ def test_training_crops_avoid_invalid_areas(tmp_path):
                 data = src.read()
             data[:, :, : WIDTH // 2] = 0  # left half is nodata everywhere
             write_raster(path, data, region_transform(region_index), nodata=0)
-    dm = make_dm(tmp_path, val_fraction=0.5, test_fraction=0, max_invalid_fraction=0.0)
+    dm = make_dm(
+        tmp_path,
+        val_fraction=0.5,
+        test_fraction=0,
+        max_invalid_fraction=0.0,
+        embedding_patch_size=embedding_patch_size,
+    )
     with pytest.warns(UserWarning, match="skipped windows"):
         dm.setup("fit")
     samples = all_samples(dm.train_dataset)
@@ -381,7 +388,7 @@ def test_empty_split_raises_naming_the_split(tmp_path):
 
 def test_sequence_mode_yields_whole_series(tmp_path):
     make_s2_dataset(tmp_path, embeddings=False)
-    dm = make_dm(tmp_path, sequence=True)
+    dm = make_dm(tmp_path, sequence=True, predict_mode="pairs")
     dm.setup("test")
     region = dm.dataset_summary()["test"]["regions"][0]
     assert len(dm.test_dataset) == 9
@@ -486,7 +493,8 @@ def test_gap_years_are_not_paired(tmp_path):
     assert {(s["time"], s["target_time"]) for s in all_samples(dm.val_dataset)} == {("2020", "2021")}
     dm.setup("test")
     rollouts = make_dm(tmp_path, sequence=True)
-    rollouts.setup("test")
+    with pytest.warns(UserWarning, match="pairs across a gap"):
+        rollouts.setup("test")
     assert {tuple(rollouts.test_dataset[i]["times"]) for i in range(len(rollouts.test_dataset))} == {
         ("2020", "2021")
     }
@@ -539,7 +547,8 @@ def test_manifest_skips_reading_unchanged_files(tmp_path, monkeypatch):
     scanned = []
     original = __import__("datamodules.s2_timeseries", fromlist=["scan_file"]).scan_file
     monkeypatch.setattr(
-        "datamodules.s2_timeseries.scan_file", lambda path, *a: scanned.append(path) or original(path, *a)
+        "datamodules.s2_timeseries.scan_file",
+        lambda path, *a, **k: scanned.append(path) or original(path, *a, **k),
     )
     third = make_dm(data, cache_dir=str(cache))
     with pytest.warns(UserWarning, match="skipped windows"):
@@ -547,7 +556,8 @@ def test_manifest_skips_reading_unchanged_files(tmp_path, monkeypatch):
     assert scanned == [changed]
     assert third.dataset_summary()["val"]["skipped_windows"] == 1
     scanned.clear()
-    make_dm(data, cache_dir=str(cache), reflectance_scale=2e-4).setup("fit")  # other scale: statistics redone
+    with pytest.warns(UserWarning, match="skipped windows"):  # other scale: statistics redone
+        make_dm(data, cache_dir=str(cache), reflectance_scale=2e-4).setup("fit")
     assert len(scanned) == len(REGIONS) * len(YEARS)
 
 
@@ -613,3 +623,95 @@ def test_grid_windows_own_every_pixel_once(tmp_path):
             row, col = window_offset(sample)
             owned[row : row + PATCH, col : col + PATCH] += sample["owned"].numpy()
         assert (owned == per_pixel).all()
+
+
+def write_nan_embedding_pixels(root: Path, region: str, year: int, pixels: list[tuple[int, int]]) -> None:
+    path = embedding_path(root, region, year)
+    with rasterio.open(path) as src:
+        embedding = src.read()
+    for row, col in pixels:
+        embedding[7, row, col] = np.nan
+    write_raster(path, embedding, region_transform(REGIONS.index(region)))
+
+
+def test_pooled_embedding_equals_pooling_the_full_window(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_s2_dataset(data, height=42)  # grid rows 0, 16, 26: the edge row 26 is off the 4 px lattice
+    probe = make_dm(data, cache_dir=str(tmp_path / "probe"))
+    probe.setup("fit")
+    region = probe.dataset_summary()["val"]["regions"][0]
+    write_nan_embedding_pixels(data, region, 2021, [(3, 5), (30, 40)])
+    per_pixel = make_dm(data, cache_dir=str(tmp_path / "per_pixel"))
+    pooled = make_dm(data, cache_dir=str(tmp_path / "pooled"), embedding_patch_size=4)
+    for dm in (per_pixel, pooled):
+        dm.setup("fit")
+    written = sorted((tmp_path / "pooled" / ".s2_pooled_embeddings").rglob("*.pool4.npy"))
+    assert len(written) == len(REGIONS) * len(YEARS)
+    full_reads = []
+    read_embedding = pooled.reader.read_embedding
+    monkeypatch.setattr(
+        pooled.reader,
+        "read_embedding",
+        lambda path, row, col, size: full_reads.append((row, col)) or read_embedding(path, row, col, size),
+    )
+    for full, sample in zip(all_samples(per_pixel.val_dataset), all_samples(pooled.val_dataset), strict=True):
+        assert sample["embedding"].shape == (64, PATCH // 4, PATCH // 4)
+        # the model's pooling of a full-resolution window
+        expected = torch.nn.functional.avg_pool2d(full["embedding"], 4)
+        torch.testing.assert_close(sample["embedding"], expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sample["mask"], full["mask"])
+    masked = [s for s in all_samples(pooled.val_dataset) if not s["mask"].all()]
+    assert {(s["target_time"], window_offset(s)) for s in masked} == {
+        ("2021", (0, 0)),
+        ("2021", (16, 32)),
+        ("2021", (26, 32)),
+    }
+    assert full_reads and {row for row, _ in full_reads} == {26}  # lattice windows come from the pooled copy
+
+
+def test_pooled_training_crops_start_on_the_patch_lattice(tmp_path):
+    make_s2_dataset(tmp_path)
+    dm = make_dm(tmp_path, embedding_patch_size=4)
+    dm.setup("fit")
+    offsets = [window_offset(s) for s in all_samples(dm.train_dataset)]
+    assert all(row % 4 == 0 and col % 4 == 0 for row, col in offsets)
+    assert len(set(offsets)) > 9  # crops, not just the grid
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["embedding"].shape == (2, 64, PATCH // 4, PATCH // 4) and batch["has_embedding"].all()
+
+
+def test_a_deleted_pooled_copy_is_written_again(tmp_path):
+    make_s2_dataset(tmp_path, regions=REGIONS[:3])
+    make_dm(tmp_path, embedding_patch_size=4).setup("fit")
+    copy = next((tmp_path / ".s2_pooled_embeddings").rglob("*.npy"))
+    expected = np.load(copy)
+    copy.unlink()
+    make_dm(tmp_path, embedding_patch_size=4).setup("fit")
+    np.testing.assert_array_equal(np.load(copy), expected)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("batch_size", 0),
+        ("batch_size", -2),
+        ("patch_size", 0),
+        ("patch_size", -16),
+        ("num_workers", -1),
+        ("embedding_patch_size", 0),
+        ("embedding_patch_size", 3),  # does not divide patch_size 64
+    ],
+)
+def test_bad_loader_key_is_the_last_line_naming_it(tmp_path, capsys, key, value):
+    from lightning_cli import main
+
+    args = ["--config", str(REPO_ROOT / "configs" / "tiny" / "simvp.yaml")]
+    args += ["--data.init_args.root", str(REPO_ROOT / "data" / "demo"), f"--data.init_args.{key}={value}"]
+    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args, run=False)
+    assert exit_info.value.code != 0
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and f"data.init_args.{key}" in last_line
+    assert f"{value}" in last_line.split(f"data.init_args.{key}", 1)[1]
+    assert len(last_line) < 200

@@ -14,9 +14,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-from tests.fixtures.make_geobench import BIGEARTHNET_SOURCE, write_bigearthnet
+from datamodules.synthetic.geobench import write_bigearthnet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BIGEARTHNET_SOURCE = REPO_ROOT.parent / "shared" / "data" / "bigearthnet-s2-examples"
 NOTE = """# SatDiFuser demo data (GEO-Bench m-bigearthnet format)
 
 Six real BigEarthNet v1 Sentinel-2 L2A patches (120 x 120 px at 10 m; acquired 2017-06 to 2018-02), written into

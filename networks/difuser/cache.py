@@ -21,9 +21,7 @@ writer (several GPUs filling one cache) never leaves a half-written entry.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import uuid
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -32,6 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from fileio import atomic_path
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 CacheTier = Literal["latents", "pyramid"]
@@ -155,12 +155,8 @@ class FeatureCache:
                     "(overflow?); set model.init_args.cache_dtype to bfloat16 or float32"
                 )
         path = self.path(sample)
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_path(path) as temporary:
             save_file(stored, temporary, metadata=self._metadata(sample, fingerprint))
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
         return stored
 
     def _compute(self, images: torch.Tensor) -> list[Entry]:
