@@ -286,6 +286,7 @@ def _wait_for_checkpoint(path: Path, process: subprocess.Popen, min_step: int, t
     raise TimeoutError(f"no checkpoint at step >= {min_step} in {path}")
 
 
+@pytest.mark.slow  # ~95 s of subprocesses; the in-process kill cases above and test_kill_loops.py cover it
 def test_sigkill_and_sigterm_then_resume_match_uninterrupted_run(tmp_path):
     config = {
         "seed_everything": 0,
