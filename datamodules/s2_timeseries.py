@@ -413,6 +413,19 @@ class PixelReader:
         scaled[:, invalid] = 0.0
         return torch.from_numpy(scaled), torch.from_numpy(~invalid)
 
+    def read_history(
+        self, region: RegionSeries, frames: list[int], row: int, col: int, size: int
+    ) -> tuple[Tensor, Tensor]:
+        """The ``(k, 3, size, size)`` history of ``frames`` at a window and where every frame is valid."""
+        images, valid = [], torch.ones(size, size, dtype=torch.bool)
+        for frame in frames:
+            pixels, frame_valid = self.read_rgb(
+                region.rgb_paths[frame], region.rgb_nodata[frame], row, col, size
+            )
+            images.append(pixels)
+            valid &= frame_valid
+        return torch.stack(images), valid
+
     def read_embedding(self, path: Path, row: int, col: int, size: int) -> tuple[Tensor, Tensor]:
         """Return the (64, size, size) embedding and its validity mask (NaN/Inf pixels are zeroed and invalid)."""
         raw = self._read(path, Window(col, row, size, size)).astype(np.float32, copy=False)
@@ -544,18 +557,12 @@ class S2ForecastDataset(NonGeoDataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         pair, row, col = self._locate(index, epoch)
         region, size = pair.region, self.patch_size
-        frames, valid = [], torch.ones(size, size, dtype=torch.bool)
-        for frame in pair.frames:
-            pixels, frame_valid = self.reader.read_rgb(
-                region.rgb_paths[frame], region.rgb_nodata[frame], row, col, size
-            )
-            frames.append(pixels)
-            valid &= frame_valid
+        history, valid = self.reader.read_history(region, pair.frames, row, col, size)
         target, target_valid = self.reader.read_rgb(
             region.rgb_paths[pair.target], region.rgb_nodata[pair.target], row, col, size
         )
         valid &= target_valid
-        sample: dict[str, Any] = {"image": torch.stack(frames), "target": target}
+        sample: dict[str, Any] = {"image": history, "target": target}
         embedding_path = region.embedding_paths[pair.target]
         if embedding_path is not None:
             sample["embedding"], embedding_valid = self._embedding(region, pair.target, row, col)

@@ -31,7 +31,7 @@ from datamodules.s2_timeseries import (
     RegionSeries,
     S2DataError,
     S2ForecastDataModule,
-    _shift,
+    _window_meta,
     window_invalid_counts,
 )
 
@@ -85,25 +85,17 @@ class S2SceneDataset(NonGeoDataset):
         scene = self.scenes[scene_index]
         region, size = scene.region, self.patch_size
         row, col = scene.windows[window_index]
-        frames, valid = [], torch.ones(size, size, dtype=torch.bool)
-        for frame in scene.frames:
-            pixels, frame_valid = self.reader.read_rgb(
-                region.rgb_paths[frame], region.rgb_nodata[frame], row, col, size
-            )
-            frames.append(pixels)
-            valid &= frame_valid
+        history, valid = self.reader.read_history(region, scene.frames, row, col, size)
         last = region.times[scene.frames[-1]]
         return {
-            "image": torch.stack(frames),
+            "image": history,
             "mask": valid,
             "window": torch.tensor([row, col]),
             "horizon": torch.tensor(self.horizon),
             "scene": scene.metadata,
-            "region": region.name,
             "time": last,
             "target_time": scene.forecast_times[0],
-            "crs": region.crs_wkt,
-            "transform": _shift(region.transform, row, col),
+            **_window_meta(region, row, col, size),
         }
 
     def __str__(self) -> str:

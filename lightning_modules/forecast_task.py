@@ -22,7 +22,6 @@ Per-step rollout metrics are created on first use, so under DDP every rank must 
 
 from __future__ import annotations
 
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -81,7 +80,7 @@ class ForecastTask(BaseTask, ABC):
         lpips_weights, fid_weights, fid_feature: passed to ``metrics.ForecastMetrics`` (local weight paths;
             LPIPS/FID are skipped with a warning when None).
         name: the model's name in the results table (default: ``model_name()``).
-        predict_dir: folder for predicted GeoTIFFs (default: ``predictions/`` in the run folder).
+        predict_dir: folder ``callbacks.MosaicWriter`` writes forecasts to (default: ``predictions/`` in the run folder).
         results_csv: CSV the test rows are appended to (default: ``<default_root_dir>/test_results.csv``, shared
             by every run under that folder).
         rollout_start: index of the last real frame a rollout starts from (default: ``history - 1``).
@@ -283,22 +282,6 @@ class ForecastTask(BaseTask, ABC):
             print(
                 f"windows with invalid pixels, scored by the pixel metrics but left out of GSSIM/LPIPS/FID: {left_out}"
             )
-
-    def _predictions_folder(self) -> Path:
-        return Path(self.predict_dir) if self.predict_dir else run_directory(self.trainer) / "predictions"
-
-    def on_predict_start(self) -> None:
-        """Fail before the first forecast, not after it, when the predictions folder cannot be written."""
-        folder = self._predictions_folder()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise OSError(
-                error.errno,
-                f"predictions folder {folder} is not writable (model.init_args.predict_dir): {error}",
-            ) from None
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Forecast ``horizon`` steps per window (the batch's ``horizon``, else 1; each forecast fed back as the

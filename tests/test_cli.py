@@ -200,14 +200,19 @@ def test_wandb_offline_false_goes_online(tmp_path, monkeypatch):
     assert not online.trainer.logger._offline and "WANDB_MODE" not in os.environ
 
 
-def test_default_callbacks_are_visible_and_switchable(tmp_path, capsys):
+def tiny_simvp_args(tmp_path: Path) -> list[str]:
+    """configs/tiny/simvp.yaml on the demo data, no logger, run folder in ``tmp_path``."""
     args = [
         "--config",
         str(REPO_ROOT / "configs" / "tiny" / "simvp.yaml"),
         "--data.init_args.root",
         str(DEMO_DATA),
     ]
-    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    return [*args, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+
+
+def test_default_callbacks_are_visible_and_switchable(tmp_path, capsys):
+    args = tiny_simvp_args(tmp_path)
     with pytest.raises(SystemExit):
         main(["fit", *args, "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
@@ -281,13 +286,7 @@ def test_window_size_is_set_once_under_data(tmp_path, capsys):
     ],
 )
 def test_config_error_ends_with_one_line_naming_the_key(tmp_path, capsys, override, key):
-    args = [
-        "--config",
-        str(REPO_ROOT / "configs" / "tiny" / "simvp.yaml"),
-        "--data.init_args.root",
-        str(DEMO_DATA),
-    ]
-    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    args = tiny_simvp_args(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *args, *override])
     assert exit_info.value.code != 0

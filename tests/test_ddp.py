@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,25 @@ def _run_ddp(args: list[str]) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def assert_two_ranks_of_2_match_one_process_of_4(
+    tmp_path: Path, common: list[str], trained_prefix: str
+) -> None:
+    """Fit ``common`` as one process at batch 4 and as 2 DDP ranks at batch 2; both take 2 optimizer steps and
+    end with the same trained weights (``trained_prefix`` names a part that must be among them)."""
+    single = main(
+        [*common, "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "one")]
+    )
+    _run_ddp(
+        [*common, "--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(tmp_path / "ddp")]
+    )
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == single.trainer.global_step == 2
+    single_state = single.model.state_dict()
+    assert any(name.startswith(trained_prefix) for name in checkpoint["state_dict"])
+    for name, value in checkpoint["state_dict"].items():
+        torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -172,19 +192,7 @@ def test_difuser_two_process_ddp_matches_single_process(tmp_path):
     common = ["fit", "--config", str(REPO_ROOT / "configs" / "tiny" / "difuser_cls.yaml")]
     common += ["--data.init_args.root", str(root), "--model.init_args.optimizer", "torch.optim.SGD"]
     common += ["--trainer.max_epochs", "2", "--trainer.num_sanity_val_steps", "0", *QUIET]
-    single = main(
-        [*common, "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "one")]
-    )
-    _run_ddp(
-        [*common, "--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(tmp_path / "ddp")]
-    )
-
-    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == single.trainer.global_step == 2
-    single_state = single.model.state_dict()
-    assert any(name.startswith("head.") for name in checkpoint["state_dict"])
-    for name, value in checkpoint["state_dict"].items():
-        torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_two_ranks_of_2_match_one_process_of_4(tmp_path, common, trained_prefix="head.")
 
 
 TINY_FORECAST = ["--config", str(REPO_ROOT / "configs" / "tiny" / "forecast.yaml")]
@@ -249,16 +257,4 @@ def test_forecast_two_process_ddp_matches_single_process(tmp_path, monkeypatch):
     common += [*PER_SAMPLE_TERMS_ONLY, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
     common += ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
     common += ["--trainer.logger", "false", *QUIET]
-    single = main(
-        [*common, "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path / "one")]
-    )
-    _run_ddp(
-        [*common, "--data.init_args.batch_size", "2", "--trainer.default_root_dir", str(tmp_path / "ddp")]
-    )
-
-    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == single.trainer.global_step == 2
-    single_state = single.model.state_dict()
-    assert any(name.startswith("adapter.") for name in checkpoint["state_dict"])
-    for name, value in checkpoint["state_dict"].items():
-        torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_two_ranks_of_2_match_one_process_of_4(tmp_path, common, trained_prefix="adapter.")
