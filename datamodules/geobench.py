@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, RandomSampler
 from torchgeo.datamodules import NonGeoDataModule
 from torchgeo.datasets import NonGeoDataset
@@ -40,6 +41,7 @@ from torchgeo.datasets import NonGeoDataset
 TaskType = Literal["classification", "multilabel", "segmentation"]
 Normalization = Literal["sensor", "percentile", "minmax", "meanstd"]
 PercentileRange = Literal["0.1-99.9", "1-99"]
+MissingBands = Literal["error", "zero"]
 
 BENCHMARK_FOLDERS = {"classification": "classification_v1.0", "segmentation": "segmentation_v1.0"}
 
@@ -267,8 +269,14 @@ def load_task_specs(task_dir: Path) -> InertObject:
     return specs
 
 
-def resolve_bands(requested: Sequence[str], bands_info: Sequence[InertObject], specs_path: Path) -> list[str]:
-    """Full band names for names or alternative names (e.g. 'red' -> '04 - Red'), case-insensitively."""
+def resolve_bands(
+    requested: Sequence[str],
+    bands_info: Sequence[InertObject],
+    specs_path: Path,
+    missing_bands: MissingBands = "error",
+) -> list[str | None]:
+    """Full band names for names or alternative names (e.g. 'red' -> '04 - Red'), case-insensitively; with
+    ``missing_bands='zero'`` a band the task lacks is None (a zero-filled channel), an ambiguous one still fails."""
     lookup: dict[str, set[str]] = {}
     for info in bands_info:
         name = info.get("name")
@@ -278,8 +286,13 @@ def resolve_bands(requested: Sequence[str], bands_info: Sequence[InertObject], s
     resolved = []
     for band in requested:
         matches = lookup.get(band.lower(), set())
+        if not matches and missing_bands == "zero":
+            resolved.append(None)
+            continue
         if len(matches) != 1:
-            problem = "is ambiguous" if matches else "is unknown"
+            problem = (
+                "is ambiguous" if matches else "is unknown (config key 'missing_bands: zero' zero-fills it)"
+            )
             raise ValueError(
                 f"band '{band}' (config key 'bands') {problem} for {specs_path.parent.name}; "
                 f"available bands (from {specs_path.name}): {available}"
@@ -359,7 +372,7 @@ class SampleRecord:
 
     name: str
     path: Path
-    band_keys: tuple[str, ...]
+    band_keys: tuple[str | None, ...]
     native_size: tuple[int, int]
     label: Any = None
     mask_key: str | None = None
@@ -372,7 +385,7 @@ class SplitSpec:
     task_dir: Path
     task_type: TaskType
     num_classes: int
-    band_names: tuple[str, ...]
+    band_names: tuple[str | None, ...]  # None: a band the task lacks, zero-filled
     offset: tuple[float, ...]
     scale: tuple[float, ...]
     clip: bool
@@ -408,8 +421,10 @@ class GeoBenchSplit(NonGeoDataset):
         try:
             with h5py.File(path, "r") as file:
                 keys = list(file.keys())
-                band_keys = tuple(self._band_key(band, keys, path) for band in spec.band_names)
-                shapes = [self._finite_2d(file, key, path) for key in band_keys]
+                band_keys = tuple(
+                    None if band is None else self._band_key(band, keys, path) for band in spec.band_names
+                )
+                shapes = [self._finite_2d(file, key, path) for key in band_keys if key is not None]
                 native = max(shapes, key=lambda s: s[0] * s[1])
                 if spec.task_type == "segmentation":
                     mask_key = self._mask_key(keys, path)
@@ -484,9 +499,16 @@ class GeoBenchSplit(NonGeoDataset):
         spec, record = self.spec, self.records[index]
         size = (spec.image_size, spec.image_size) if spec.image_size else record.native_size
         with h5py.File(record.path, "r") as file:
-            bands = [np.squeeze(file[key][()]).astype(np.float32) for key in record.band_keys]
+            bands = [None if key is None else np.squeeze(file[key][()]) for key in record.band_keys]
             mask = np.squeeze(file[record.mask_key][()]) if record.mask_key else None
-        image = torch.stack([self._resize_band(torch.from_numpy(b), size) for b in bands])
+        image = torch.stack(
+            [
+                torch.zeros(size)
+                if band is None
+                else self._resize_band(torch.from_numpy(band.astype(np.float32)), size)
+                for band in bands
+            ]
+        )
         offset = torch.tensor(spec.offset, dtype=torch.float32)[:, None, None]
         scale = torch.tensor(spec.scale, dtype=torch.float32)[:, None, None]
         image = (image - offset) / scale
@@ -556,6 +578,8 @@ class GeoBenchDataModule(NonGeoDataModule):
         task: task folder name, e.g. ``m-eurosat``, ``m-bigearthnet``, ``m-chesapeake``.
         root: the benchmark folder holding ``classification_v1.0/`` and ``segmentation_v1.0/``.
         bands: band names or alternative names (case-insensitive; RGB for DiffusionSat by default).
+        missing_bands: ``error`` refuses a requested band the task lacks; ``zero`` gives it as a channel of zeros
+            (after normalisation), e.g. a foundation model's pretraining bands on a task with fewer (logged once).
         train_fraction: 1.0 uses ``default_partition.json``; else ``{train_fraction:.2f}x_train_partition.json``
             gives the train split (valid/test always come from the default partition).
         image_size: square side to resize to (bilinear, antialiased for images; nearest for masks); None keeps
@@ -594,6 +618,7 @@ class GeoBenchDataModule(NonGeoDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         predict_split: Literal["test", "all"] = "test",
+        missing_bands: MissingBands = "error",
     ) -> None:
         super().__init__(GeoBenchSplit, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
@@ -601,6 +626,8 @@ class GeoBenchDataModule(NonGeoDataModule):
             raise ValueError(
                 f"config key 'normalization' must be one of {NORMALIZATIONS}, got '{normalization}'"
             )
+        if missing_bands not in ("error", "zero"):
+            raise ValueError(f"config key 'missing_bands' must be 'error' or 'zero', got '{missing_bands}'")
         if percentiles not in PERCENTILE_KEYS:
             raise ValueError(
                 f"config key 'percentiles' must be one of {list(PERCENTILE_KEYS)}, got '{percentiles}'"
@@ -632,13 +659,24 @@ class GeoBenchDataModule(NonGeoDataModule):
                 f"{specs_path}: {len(self.class_names)} class names for {self.num_classes} classes"
             )
         self.available_bands = [info.get("name") for info in specs.get("bands_info")]
-        self.band_names = resolve_bands(list(bands), specs.get("bands_info"), specs_path)
+        self.band_names = resolve_bands(list(bands), specs.get("bands_info"), specs_path, missing_bands)
+        zero_filled = [band for band, name in zip(bands, self.band_names, strict=True) if name is None]
+        if len(zero_filled) == len(bands):
+            raise ValueError(
+                f"none of the bands {list(bands)} (config key 'bands') is in {self.task_dir.name}"
+            )
+        if zero_filled:
+            rank_zero_info(f"GEO-Bench {task} lacks bands {zero_filled}: zero-filled (missing_bands: zero)")
 
         stats_path = self.task_dir / "band_stats.json"
         stats = _read_json(stats_path, "task")
         sensors = {info.get("name"): info.pickled_name for info in specs.get("bands_info")}
         offset, scale = [], []
         for band in self.band_names:
+            if band is None:
+                offset.append(0.0)
+                scale.append(1.0)
+                continue
             low, spread = band_scaling(
                 normalization, stats.get(band, {}), band, stats_path, sensors[band], pixel_scale, percentiles
             )
@@ -663,9 +701,7 @@ class GeoBenchDataModule(NonGeoDataModule):
         size = f"{image_size}px" if image_size else "native"
         scaling = hashlib.sha256(json.dumps([offset, scale]).encode()).hexdigest()[:12]
         # everything that changes the pixels a model sees, so a feature cache never serves another input
-        self.dataset_key = (
-            f"geobench_{task}_{'+'.join(_slug(b) for b in self.band_names)}_{size}_{normalization}-{scaling}"
-        )
+        self.dataset_key = f"geobench_{task}_{'+'.join(_slug(b or 'zero') for b in self.band_names)}_{size}_{normalization}-{scaling}"
         self.split_spec = SplitSpec(
             task_dir=self.task_dir,
             task_type=self.task_type,

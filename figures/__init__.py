@@ -1,4 +1,5 @@
-"""satdiff: every picture (validation panel, per-region rollout figure, per-step metric plot), no Lightning."""
+"""satdiff: every picture (validation panel, per-region rollout figure, per-step metric plot, GEO-Bench predictions),
+no Lightning."""
 
 from figures.forecast import (  # noqa: F401
     DISPLAY_GAMMA,
@@ -16,4 +17,5 @@ from figures.forecast import (  # noqa: F401
     step_rows,
     stretch,
 )
+from figures.geobench import geobench_panel  # noqa: F401
 from figures.rollouts import RegionRollouts  # noqa: F401

@@ -1,14 +1,9 @@
 """SatDiFuser: a frozen diffusion feature extractor, a trainable fusion and a task head (GEO-Bench tasks).
 
-The task (type, class count, class names, ignore index, dataset key) comes from the datamodule, not the model
-config: either linked into the constructor arguments by the CLI, or read by ``configure_model()`` from
-``trainer.datamodule`` (after the datamodule is set up), which then builds the head, the metrics and the feature
-cache. Lightning calls ``configure_model()`` before restoring a checkpoint, so ``test --ckpt_path`` loads the trained
-fusion and head; the task is also stored in the checkpoint so ``DiFuserModule.load_from_checkpoint`` works without a
-trainer. Task values are not saved as hyperparameters (the datamodule logs its own; a copy here would clash with it
-in the logger), only in the checkpoint. Everything else is (``lightning_modules.base.BaseTask``): a checkpoint
-of a CLI run loads with ``DiFuserModule.load_from_checkpoint(path)`` alone, the frozen extractor rebuilt from its
-config.
+The task, its loss, metrics, steps and checkpointed task come from ``lightning_modules.geobench_task.GeoBenchTask``:
+the head is built once the datamodule (or the checkpoint) has told the task. Everything else is saved as
+hyperparameters (``lightning_modules.base.BaseTask``): a checkpoint of a CLI run loads with
+``DiFuserModule.load_from_checkpoint(path)`` alone, the frozen extractor rebuilt from its config.
 
 Fusion and head are initialised from a generator seeded by the run seed, never from the global RNG at build time:
 one process and every DDP rank build the same weights wherever the strategy has moved the RNG.
@@ -21,44 +16,19 @@ stores the inverted latents (each epoch runs only the hooked UNet passes), the `
 
 from __future__ import annotations
 
-import inspect
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 
-from lightning_modules.base import BaseTask
 from lightning_modules.frozen import FrozenPartsCheckpointMixin
-from metrics.geobench import TaskType, task_metrics
+from lightning_modules.geobench_task import GeoBenchTask, accepts, seeded
+from metrics.geobench import TaskType
 from networks.difuser.cache import CacheDtype, CacheTier, FeatureCache
 
-TASK_FIELDS = ("task_type", "num_classes", "class_names", "ignore_index", "dataset_key")
 CHECKPOINT_TASK_KEY = "difuser_task"
-
-
-def _accepts(builder: Callable, name: str) -> bool:
-    """Whether a class, function or (jsonargparse) partial of one takes keyword ``name``; jsonargparse's partials
-    hide the signature but carry every init argument in ``keywords``."""
-    if name in getattr(builder, "keywords", {}):
-        return True
-    try:
-        return name in inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """A CPU RNG fork seeded with ``seed``: initialisation independent of the global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def paper_adamw(params) -> torch.optim.Optimizer:
@@ -66,7 +36,7 @@ def paper_adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
 
 
-class DiFuserModule(FrozenPartsCheckpointMixin, BaseTask):
+class DiFuserModule(FrozenPartsCheckpointMixin, GeoBenchTask):
     """Frozen ``extractor`` -> trainable ``fusion`` -> ``head``; only fusion and head are optimised and saved.
 
     Args:
@@ -92,7 +62,7 @@ class DiFuserModule(FrozenPartsCheckpointMixin, BaseTask):
 
     frozen_module_names = ("extractor",)
     eval_module_names = ("extractor",)
-    hparams_ignore = TASK_FIELDS
+    checkpoint_task_key = CHECKPOINT_TASK_KEY
 
     def __init__(
         self,
@@ -116,17 +86,22 @@ class DiFuserModule(FrozenPartsCheckpointMixin, BaseTask):
         init_seed: int | None = None,
     ):
         super().__init__(
+            num_classes=num_classes,
+            task_type=task_type,
+            class_names=class_names,
+            ignore_index=ignore_index,
+            dataset_key=dataset_key,
             optimizer=optimizer,
             scheduler=scheduler,
             scheduler_interval=scheduler_interval,
             warmup_epochs=warmup_epochs,
             warmup_start_lr=warmup_start_lr,
             min_lr=min_lr,
+            init_seed=init_seed,
         )
         self.extractor = extractor
-        self.init_seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if init_seed is None else init_seed
-        layout = {"block_layout": extractor.block_layout} if _accepts(fusion, "block_layout") else {}
-        with _seeded(self.init_seed):
+        layout = {"block_layout": extractor.block_layout} if accepts(fusion, "block_layout") else {}
+        with seeded(self.init_seed):
             self.fusion = fusion(extractor.feature_channels, extractor.num_timesteps, **layout)
         if not isinstance(getattr(self.fusion, "out_channels", None), int):
             raise TypeError(f"fusion {type(self.fusion).__name__} must expose an integer `out_channels`")
@@ -134,66 +109,21 @@ class DiFuserModule(FrozenPartsCheckpointMixin, BaseTask):
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
         self.cache_tier = cache_tier
-        self.task: dict[str, Any] = {
-            "task_type": task_type,
-            "num_classes": num_classes,
-            "class_names": class_names,
-            "ignore_index": ignore_index,
-            "dataset_key": dataset_key,
-        }
         self.head: nn.Module | None = None
         self.cache: FeatureCache | None = None
-        if all(self.task[field] is not None for field in ("task_type", "num_classes")):
-            self._build_task_parts()  # linked by the CLI: built before any strategy touches the RNG
+        self.build_task_parts_if_known()
 
     # ---------------------------------------------------------------- set-up from the datamodule / checkpoint
-    def _adopt_task(self, source: dict[str, Any], origin: str) -> None:
-        """Fill unset task fields from ``source``; a field set on both sides must agree."""
-        for field in TASK_FIELDS:
-            value = source.get(field)
-            if value is None:
-                continue
-            if self.task[field] is None:
-                self.task[field] = value
-            elif self.task[field] != value:
-                raise ValueError(
-                    f"model.init_args.{field}={self.task[field]!r} disagrees with the {origin}'s {value!r}"
-                )
-
-    def _build_task_parts(self) -> None:
-        missing = [field for field in ("task_type", "num_classes") if self.task[field] is None]
-        if missing:
-            raise ValueError(
-                f"DiFuserModule needs {missing}: use a datamodule exposing them (GeoBenchDataModule) or set "
-                f"model.init_args.{missing[0]}"
-            )
-        with _seeded(self.init_seed + 1):
+    def build_task_parts(self) -> None:
+        with seeded(self.init_seed + 1):
             self.head = self.build_head(self.fusion.out_channels, self.task["num_classes"])
-        self.build_metrics()
-
-    def configure_metrics(self) -> MetricCollection:
-        """The task's GEO-Bench metrics (``metrics.geobench``), cloned per split by ``build_metrics``."""
-        return task_metrics(
-            self.task["task_type"],
-            self.task["num_classes"],
-            self.task["class_names"],
-            self.task["ignore_index"],
-        )
 
     def configure_model(self) -> None:
-        """Build head, metrics and cache once the datamodule (already set up) has told the task.
-
-        Without a trainer and without a complete task (``load_from_checkpoint`` calls this first) building waits
-        for ``on_load_checkpoint``, which reads the task from the checkpoint.
-        """
-        attached = self._trainer is not None
-        datamodule = getattr(self.trainer, "datamodule", None) if attached else None
-        if datamodule is not None:
-            self._adopt_task({field: getattr(datamodule, field, None) for field in TASK_FIELDS}, "datamodule")
-        if self.head is None:
-            if not attached and any(self.task[field] is None for field in ("task_type", "num_classes")):
-                return
-            self._build_task_parts()
+        """Build head and metrics (``GeoBenchTask``), then the feature cache, once the task is known."""
+        super().configure_model()
+        if not self.task_parts_built:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.cache_dir is not None and self.cache is None:
             if getattr(datamodule, "random_augmentation", False):
                 raise ValueError(
@@ -210,13 +140,11 @@ class DiFuserModule(FrozenPartsCheckpointMixin, BaseTask):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_TASK_KEY] = dict(self.task)
+        super().on_save_checkpoint(checkpoint)  # FrozenPartsCheckpointMixin: the extractor stays out
+        self.save_task(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._adopt_task(checkpoint.get(CHECKPOINT_TASK_KEY, {}), "checkpoint")
-        if self.head is None:  # load_from_checkpoint without a trainer: configure_model was not called
-            self._build_task_parts()
+        self.load_task(checkpoint)
         super().on_load_checkpoint(checkpoint)
 
     # ---------------------------------------------------------------------------------------------- steps
@@ -233,41 +161,12 @@ class DiFuserModule(FrozenPartsCheckpointMixin, BaseTask):
         fused = self.fusion(self.features(batch))
         return self.head(fused, tuple(batch["image"].shape[-2:]))
 
-    def task_loss(self, logits: Tensor, label: Tensor) -> Tensor:
-        if self.task["task_type"] == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits, label.float())
-        ignore_index = self.task["ignore_index"]
-        return F.cross_entropy(logits, label, ignore_index=-100 if ignore_index is None else ignore_index)
-
-    def _step(self, batch: dict[str, Any], split: str, metrics: MetricCollection) -> Tensor:
-        logits = self(batch)
-        label = batch["label"]
-        loss = self.task_loss(logits, label)
-        if split == "train":
-            loss = loss + self.fusion.aux_loss
-        batch_size = len(batch["sample"])
-        self.log(f"{split}/loss", loss, batch_size=batch_size, prog_bar=True, sync_dist=split != "train")
-        if self.task["task_type"] == "multilabel":
-            metrics.update(logits.sigmoid(), label.long())
-        else:
-            metrics.update(logits, label)
-        return loss
+    def auxiliary_loss(self) -> Tensor:
+        """The fusion's auxiliary loss of the last forward (MoE load balancing; zero for the others)."""
+        return self.fusion.aux_loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Tell step-scheduled fusions (MoE routing warm-up) how many optimizer steps were taken."""
         set_training_step = getattr(self.fusion, "set_training_step", None)
         if set_training_step is not None:
             set_training_step(self.global_step)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Logits; with a feature cache, predicting over every split fills it ahead of training."""
-        return self(batch)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_metrics)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_metrics)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_metrics)

@@ -19,6 +19,8 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
@@ -44,6 +46,36 @@ def require_folder(path: str | None, key: str) -> str:
     if path is None or not Path(path).is_dir():
         raise FileNotFoundError(f"config key '{key}': model folder not found: {path!r}")
     return str(path)
+
+
+def require_file(path: str, key: str) -> str:
+    """Return ``path`` if it is an existing file, else raise an error naming the config key."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config key '{key}': weights file not found: {path!r}")
+    return str(path)
+
+
+def load_weights(model: nn.Module, path: str, key: str) -> dict[str, str]:
+    """Load a safetensors state dict (all keys, matching shapes) into ``model``; return the file's metadata."""
+    with safe_open(require_file(path, key), framework="pt") as stream:
+        metadata = stream.metadata() or {}
+    try:
+        model.load_state_dict(load_file(path))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"config key '{key}': {path} does not fit the configured architecture ({exc})"
+        ) from exc
+    return metadata
+
+
+def check_latent_factors(vae: AutoencoderKL, metadata: dict[str, str], path: str) -> None:
+    """A trained VAE's latents are normalised by the shift/scale computed from them (stored beside the weights)."""
+    for name in ("shift_factor", "scaling_factor"):
+        if name in metadata and abs(float(metadata[name]) - getattr(vae.config, name)) > 1e-4:
+            raise ValueError(
+                f"config key 'vae.{name}' is {getattr(vae.config, name)} but {path} was trained with "
+                f"{name} {float(metadata[name]):.6g}: set it to that value"
+            )
 
 
 def parse_dtype(name: str, key: str) -> torch.dtype:
@@ -273,6 +305,8 @@ class SD3Backbone(nn.Module):
         vae: dict,
         text_encoders: SD3TextEncoders,
         seed: int = 0,
+        transformer_weights: str | None = None,
+        vae_weights: str | None = None,
         transformer_dtype: str = "float32",
         prompt: str = PAPER_PROMPT,
         max_sequence_length: int = 77,
@@ -280,7 +314,9 @@ class SD3Backbone(nn.Module):
         lora_alpha: int = 16,
         lora_context_projections: bool = False,
     ) -> SD3Backbone:
-        """Random, seeded transformer and VAE from diffusers config dicts (same keys as their config.json).
+        """Seeded transformer and VAE from diffusers config dicts (same keys as their config.json), random unless
+        ``transformer_weights`` / ``vae_weights`` name local safetensors files of those architectures (the demo's
+        trained tiny parts, ``tools/train_demo_weights.py``).
 
         The transformer's parameters are created directly in ``transformer_dtype`` (its few float32 buffers,
         such as the position table, are cast afterwards), the VAE always in float32.
@@ -291,6 +327,10 @@ class SD3Backbone(nn.Module):
                 transformer_model = SD3Transformer2DModel(**transformer)
             cast_float_buffers(transformer_model, dtype)
             vae_model = AutoencoderKL(**vae)
+        if transformer_weights is not None:
+            load_weights(transformer_model, transformer_weights, "transformer_weights")
+        if vae_weights is not None:
+            check_latent_factors(vae_model, load_weights(vae_model, vae_weights, "vae_weights"), vae_weights)
         return cls(
             transformer_model,
             vae_model,

@@ -54,6 +54,7 @@ def assert_two_ranks_of_2_match_one_process_of_4(
         torch.testing.assert_close(value, single_state[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # the forecast and DiFuser parity tests below cover the same path with the real modules
 def test_two_process_ddp_matches_single_process(tmp_path):
     # Deterministic case: no dropout/noise and plain SGD (AdamW's first step is lr * sign(g), which turns float
     # rounding of near-zero gradients into 2 * lr). Lightning always gives the DDP train loader a shuffled
@@ -120,6 +121,7 @@ def test_simvp_trains_under_ddp_and_its_val_metrics_cover_the_global_split(tmp_p
         assert float(logged[name]) == pytest.approx(float(expected[name]), rel=1e-5), name
 
 
+@pytest.mark.slow  # 100 s; test_kill_loops.py's "2 DDP ranks" layout kills and resumes DDP runs as well
 def test_ddp_run_killed_mid_epoch_resumes_exactly(tmp_path):
     # Dropout and loss noise draw from each rank's own stream; 10 steps of 2 ranks x 2 samples per epoch.
     config = tmp_path / "toy.yaml"

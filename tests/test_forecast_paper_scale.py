@@ -326,7 +326,7 @@ def test_ssim_term_decodes_only_the_configured_subset_and_estimates_the_mean():
         decoded_sizes.append(latents.shape[0]),
         decode(latents, **kw),
     )[1]
-    noisy = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noisy = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # 64 px windows, 4x VAE
     velocity, sigmas = torch.zeros_like(noisy), torch.full((4,), 0.3)
     torch.manual_seed(5)
     subset = module.ssim_term(noisy, velocity, sigmas, batch)

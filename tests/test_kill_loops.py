@@ -1,6 +1,7 @@
 """``fit`` killed with SIGKILL at random points, several times, ends bit-identical to an uninterrupted run: the real
 modules (tiny SimVP, tiny Sat-JEPA-Diff forecast, tiny DiFuser) with 2 loader workers and with 2 DDP ranks (CPU,
-gloo, deterministic mode). Slow: the fast kill-and-resume cases are in test_checkpoint_resume.py and test_ddp.py."""
+gloo, deterministic mode). Slow, as the single DDP kill-and-resume case of test_ddp.py; the fast kill-and-resume cases are in
+test_checkpoint_resume.py."""
 
 import os
 import random

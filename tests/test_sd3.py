@@ -16,10 +16,15 @@ from networks.sd3 import SD3Backbone, SD3TextEncoders, seeded
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "forecast.yaml"
 
 
-def tiny_backbone_args() -> dict:
-    """The backbone init args of configs/tiny/forecast.yaml (tests use exactly what the tiny run uses)."""
+def tiny_backbone_args(trained: bool = False) -> dict:
+    """The backbone init args of configs/tiny/forecast.yaml (tests use exactly what the tiny run uses); without
+    ``trained``, the seeded random build (no ``*_weights``; the trained ones: tests/test_demo_weights.py)."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
-    return copy.deepcopy(config["model"]["init_args"]["backbone"]["init_args"])
+    args = copy.deepcopy(config["model"]["init_args"]["backbone"]["init_args"])
+    if not trained:
+        args.pop("vae_weights", None)
+        args.pop("transformer_weights", None)
+    return args
 
 
 def tiny_text_encoders(args: dict) -> SD3TextEncoders:
@@ -28,8 +33,8 @@ def tiny_text_encoders(args: dict) -> SD3TextEncoders:
     return SD3TextEncoders.from_config(**init)
 
 
-def build_tiny_backbone(**overrides) -> SD3Backbone:
-    args = tiny_backbone_args()
+def build_tiny_backbone(trained: bool = False, **overrides) -> SD3Backbone:
+    args = tiny_backbone_args(trained)
     args["text_encoders"] = tiny_text_encoders(args)
     args.update(overrides)
     return SD3Backbone.from_config(**args)
@@ -115,7 +120,7 @@ def test_conditioning_appends_adapter_tokens_and_averages_pooled(backbone):
 def test_vae_round_trip_shapes_and_decoder_gradient(backbone):
     images = torch.rand(2, 3, 64, 64)
     latents = backbone.encode(images)
-    assert latents.shape == (2, backbone.latent_channels, 8, 8) and latents.dtype == torch.float32
+    assert latents.shape == (2, backbone.latent_channels, 16, 16) and latents.dtype == torch.float32
     latents.requires_grad_(True)
     backbone.decode(latents).mean().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
